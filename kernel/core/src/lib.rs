@@ -1,0 +1,14 @@
+//! The hardware-free core of the hypervisor.
+//!
+//! Everything here builds both for the host (and is unit-tested there with
+//! plain `cargo test`) and for `x86_64-unknown-none`, where the kernel uses
+//! it. Physical memory is reached only through [`phys::PhysMem`]: an offset
+//! mapping in the kernel, an arena in tests.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod exit;
+pub mod frame;
+pub mod phys;
+pub mod warn;
