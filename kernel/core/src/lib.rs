@@ -8,7 +8,9 @@
 
 extern crate alloc;
 
+pub mod ept;
 pub mod exit;
 pub mod frame;
 pub mod phys;
+pub mod stage2;
 pub mod warn;
