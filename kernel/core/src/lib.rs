@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod ept;
 pub mod exit;
 pub mod frame;
+pub mod mmu_notifier;
 pub mod phys;
 pub mod stage2;
 pub mod warn;
