@@ -1,1 +1,96 @@
+//! The hypervisor kernel: booted by the `bootloader` crate, owns the machine.
+//!
+//! This file is the boot sequence only; each step lives in its own module.
 #![no_std]
+#![no_main]
+#![feature(abi_x86_interrupt)]
+
+extern crate alloc;
+
+mod gdt;
+mod interrupts;
+mod logger;
+mod memory;
+mod power;
+mod serial;
+mod summary;
+
+use bootloader_api::config::{BootloaderConfig, Mapping};
+use bootloader_api::{entry_point, BootInfo};
+use core::panic::PanicInfo;
+use hvcore::bundle::Bundle;
+use hvcore::exit::ExitCode;
+use hvcore::options::Options;
+
+pub static BOOTLOADER_CONFIG: BootloaderConfig = {
+    let mut config = BootloaderConfig::new_default();
+    // All physical memory mapped at an offset: how `hvcore::phys` reaches
+    // frames (guest memory, EPT tables, VMCS regions).
+    config.mappings.physical_memory = Some(Mapping::Dynamic);
+    config.kernel_stack_size = 256 * 1024;
+    config
+};
+
+entry_point!(kernel_main, config = &BOOTLOADER_CONFIG);
+
+fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
+    serial::init();
+    logger::init(logger::build_time_level());
+    log::info!("hv {} starting", env!("CARGO_PKG_VERSION"));
+    gdt::init();
+    interrupts::init();
+    x86_64::instructions::interrupts::int3(); // the IDT answers, or we stop here
+    log::debug!("gdt, tss and idt loaded");
+
+    let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
+        fail("the bootloader did not map physical memory")
+    };
+    let mem = memory::init(&boot_info.memory_regions, phys_offset).unwrap_or_else(|e| fail(e));
+
+    let ramdisk = ramdisk(boot_info);
+    let bundle = Bundle::parse(ramdisk).unwrap_or_else(|e| fail(format_args!("boot bundle: {e}")));
+    let options = match bundle.file("options").map(core::str::from_utf8) {
+        None => Options::default(),
+        Some(Ok(text)) => Options::parse(text).unwrap_or_else(|e| fail(e)),
+        Some(Err(_)) => fail("boot options are not UTF-8"),
+    };
+    if let Some(level) = options.log {
+        log::set_max_level(level);
+    }
+
+    let cpu = summary::cpu();
+    summary::print(&cpu, &mem, ramdisk.len() as u64, bundle.entries().count());
+
+    if options.fault_test {
+        log::info!("fault-test: reading an unmapped address on purpose");
+        // SAFETY: not safe at all: this is the test of the page-fault path.
+        unsafe { core::ptr::read_volatile(0xdead_0000_0000 as *const u64) };
+    }
+
+    power::exit(ExitCode::Success)
+}
+
+fn ramdisk(boot_info: &BootInfo) -> &'static [u8] {
+    match boot_info.ramdisk_addr.into_option() {
+        // SAFETY: the bootloader mapped the ramdisk there, read-only for us.
+        Some(addr) => unsafe { core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize) },
+        None => &[],
+    }
+}
+
+/// Stops the boot with a reason.
+fn fail(why: impl core::fmt::Display) -> ! {
+    log::error!("boot failed: {why}");
+    power::exit(ExitCode::Failure)
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    // SAFETY: we never return to the code that may hold the port lock.
+    unsafe { serial::force_unlock() };
+    match info.location() {
+        Some(l) => println!("[PANIC] {} at {}:{}:{}", info.message(), l.file(), l.line(), l.column()),
+        None => println!("[PANIC] {}", info.message()),
+    }
+    power::exit(ExitCode::Failure)
+}

@@ -8,10 +8,12 @@
 
 extern crate alloc;
 
+pub mod bundle;
 pub mod ept;
 pub mod exit;
 pub mod frame;
 pub mod mmu_notifier;
+pub mod options;
 pub mod phys;
 pub mod stage2;
 pub mod warn;

@@ -1,0 +1,95 @@
+//! Boot options: `key=value` words (spaces or newlines between them, `#`
+//! starts a comment), read from the `options` file of the boot bundle.
+//! An unknown key or a bad value is an error naming it, so a typo is not
+//! silently ignored.
+
+use alloc::string::{String, ToString};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// `log=error|warn|info|debug|trace`
+    pub log: Option<log::LevelFilter>,
+    /// `fault-test=1`: take a page fault on purpose after the boot summary
+    /// (proves the exception path end to end).
+    pub fault_test: bool,
+    /// `warn-test=1`: call `change_pte` once outside an invalidation
+    /// (the negative test of the notifier contract).
+    pub warn_test: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { log: None, fault_test: false, warn_test: false }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OptionError {
+    NotKeyValue(String),
+    UnknownKey(String),
+    BadValue { key: String, value: String },
+}
+
+impl core::fmt::Display for OptionError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            OptionError::NotKeyValue(w) => write!(f, "boot option '{w}' is not key=value"),
+            OptionError::UnknownKey(k) => write!(f, "unknown boot option '{k}'"),
+            OptionError::BadValue { key, value } => write!(f, "bad value '{value}' for boot option '{key}'"),
+        }
+    }
+}
+
+impl Options {
+    pub fn parse(text: &str) -> Result<Options, OptionError> {
+        let mut o = Options::default();
+        let words = text.lines().flat_map(|l| l.split('#').next().unwrap_or("").split_whitespace());
+        for word in words {
+            let (key, value) = word.split_once('=').ok_or_else(|| OptionError::NotKeyValue(word.to_string()))?;
+            let bad = || OptionError::BadValue { key: key.to_string(), value: value.to_string() };
+            match key {
+                "log" => o.log = Some(value.parse().map_err(|_| bad())?),
+                "fault-test" => o.fault_test = flag(value).ok_or_else(bad)?,
+                "warn-test" => o.warn_test = flag(value).ok_or_else(bad)?,
+                _ => return Err(OptionError::UnknownKey(key.to_string())),
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn flag(v: &str) -> Option<bool> {
+    match v {
+        "1" | "on" | "yes" | "true" => Some(true),
+        "0" | "off" | "no" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_words_lines_and_comments() {
+        let o = Options::parse("log=debug  # chatty\nfault-test=1\n\n warn-test=off").unwrap();
+        assert_eq!(o.log, Some(log::LevelFilter::Debug));
+        assert!(o.fault_test);
+        assert!(!o.warn_test);
+        assert_eq!(Options::parse("").unwrap(), Options::default());
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert_eq!(Options::parse("lg=debug"), Err(OptionError::UnknownKey("lg".into())));
+        assert_eq!(
+            Options::parse("log=loud"),
+            Err(OptionError::BadValue { key: "log".into(), value: "loud".into() })
+        );
+        assert_eq!(Options::parse("fault-test"), Err(OptionError::NotKeyValue("fault-test".into())));
+        assert_eq!(
+            Options::parse("warn-test=2").unwrap_err().to_string(),
+            "bad value '2' for boot option 'warn-test'"
+        );
+    }
+}
