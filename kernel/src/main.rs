@@ -64,7 +64,14 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     if options.fault_test {
         log::info!("fault-test: reading an unmapped address on purpose");
         // SAFETY: not safe at all: this is the test of the page-fault path.
-        unsafe { core::ptr::read_volatile(0xdead_0000_0000 as *const u64) };
+        unsafe { core::ptr::read_volatile(0x7fff_dead_0000 as *const u64) };
+    }
+
+    if options.hang_test {
+        log::info!("hang-test: spinning forever");
+        loop {
+            core::hint::spin_loop();
+        }
     }
 
     power::exit(ExitCode::Success)

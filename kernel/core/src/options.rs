@@ -15,11 +15,14 @@ pub struct Options {
     /// `warn-test=1`: call `change_pte` once outside an invalidation
     /// (the negative test of the notifier contract).
     pub warn_test: bool,
+    /// `hang-test=1`: spin forever after the boot summary (proves the
+    /// runner's timeout kills and reports a hung kernel).
+    pub hang_test: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false }
     }
 }
 
@@ -51,6 +54,7 @@ impl Options {
                 "log" => o.log = Some(value.parse().map_err(|_| bad())?),
                 "fault-test" => o.fault_test = flag(value).ok_or_else(bad)?,
                 "warn-test" => o.warn_test = flag(value).ok_or_else(bad)?,
+                "hang-test" => o.hang_test = flag(value).ok_or_else(bad)?,
                 _ => return Err(OptionError::UnknownKey(key.to_string())),
             }
         }
@@ -72,10 +76,11 @@ mod tests {
 
     #[test]
     fn parses_words_lines_and_comments() {
-        let o = Options::parse("log=debug  # chatty\nfault-test=1\n\n warn-test=off").unwrap();
+        let o = Options::parse("log=debug  # chatty\nfault-test=1\n\n warn-test=off hang-test=yes").unwrap();
         assert_eq!(o.log, Some(log::LevelFilter::Debug));
         assert!(o.fault_test);
         assert!(!o.warn_test);
+        assert!(o.hang_test);
         assert_eq!(Options::parse("").unwrap(), Options::default());
     }
 
