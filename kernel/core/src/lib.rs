@@ -9,11 +9,18 @@
 extern crate alloc;
 
 pub mod bundle;
+pub mod dedupe;
 pub mod ept;
 pub mod exit;
 pub mod frame;
 pub mod mmu_notifier;
 pub mod options;
+pub mod page_manager;
 pub mod phys;
+pub mod sim;
 pub mod stage2;
+pub mod stats;
 pub mod warn;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,562 @@
+//! KSM-style dedupe (DESIGN.md "Dedupe"), the hypervisor's ksmd.
+//!
+//! [`PageManager::scan`] looks at a batch of mergeable guest pages, in
+//! KSM's order for each page:
+//! 1. the stable index (merged frames, by content hash): a match with room
+//!    for one more sharer is write-protected, byte-compared and merged;
+//! 2. a page whose checksum changed since the last look is volatile and
+//!    waits for the next pass;
+//! 3. an all-zero page goes to its domain's zero frame;
+//! 4. the unstable index (unchanged pages of this pass, by content hash):
+//!    a match is write-protected and compared, and both pages become one
+//!    new merged frame (the older page's frame is kept).
+//!
+//! Every merge is two notifier brackets per page: write-protect (start /
+//! end), then replace (start with a `Change` event / change_pte / end);
+//! the old frame is freed after the end. The unstable index is emptied
+//! at the start of each pass, as KSM rebuilds its unstable tree.
+//!
+//! Who may share with whom is [`SharingPolicy`]; pages of different
+//! sharing domains never meet, because the domain is mixed into the
+//! index key and checked on every match.
+//!
+//! Memory: 12 bytes per guest page in the page manager (frame, checksum or
+//! stable index, flags); while a page is in the unstable index, one more
+//! 16-byte map entry; per merged frame one 24-byte record and one map
+//! entry.
+
+use crate::frame::FrameAllocator;
+use crate::mmu_notifier::{GfnRange, InvalidateEvent, Mmu};
+use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SHARED, F_UNSTABLE, NO_FRAME};
+use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
+use crate::stage2::{Perms, Stage2};
+use crate::stats::KsmStats;
+use alloc::vec::Vec;
+use core::hash::{BuildHasherDefault, Hasher};
+use hashbrown::HashMap;
+
+/// Who may share frames with whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharingPolicy {
+    /// No merging at all.
+    Off,
+    /// Any VM with any VM.
+    AllVms,
+    /// Only pages of the same VM.
+    SameVm,
+    /// VMs of the same named group (ESXi's "salting"); a VM without a
+    /// group shares only with itself.
+    Groups,
+}
+
+impl SharingPolicy {
+    /// The sharing domain of a VM: pages merge only within one domain.
+    pub(crate) fn domain(self, vm_index: u32, group: Option<u32>) -> Option<u32> {
+        match self {
+            SharingPolicy::Off => None,
+            SharingPolicy::AllVms => Some(0),
+            SharingPolicy::SameVm => Some(1 + vm_index),
+            SharingPolicy::Groups => Some(match group {
+                Some(g) => 0x8000_0000 | g,
+                None => 1 + vm_index,
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupeConfig {
+    pub policy: SharingPolicy,
+    /// Most guest pages per merged frame (Linux's `max_page_sharing`);
+    /// when a frame is full the next equal pages start a new one.
+    pub max_page_sharing: u32,
+    /// All-zero pages share one zero frame per domain, without the cap
+    /// (Linux's `use_zero_pages`, counted in `zero_pages`). Off: they merge
+    /// like any other content.
+    pub use_zero_pages: bool,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: true }
+    }
+}
+
+/// What one call of [`PageManager::scan`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanResult {
+    /// Page slots of mergeable memory visited (touched or not).
+    pub visited: usize,
+    /// Pages that became merged.
+    pub merged: usize,
+    /// Passes over all mergeable memory that ended in this call.
+    pub full_scans_completed: usize,
+}
+
+/// What one full pass saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassStats {
+    pub merged: u64,
+    /// Pages seen for the first time or changed since the last look.
+    pub changed: u64,
+}
+
+/// The index keys are already xxh3 hashes: use them as they are.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type KeyBuild = BuildHasherDefault<KeyHasher>;
+
+const NIL: u32 = u32::MAX;
+
+/// A merged frame (KSM's stable node). 24 bytes.
+#[derive(Clone, Copy, Debug)]
+struct StableFrame {
+    key: u64,
+    frame: u32,
+    /// Guest pages mapped to it; freed at zero.
+    sharers: u32,
+    /// Next merged frame with the same key (KSM's stable_node chain of
+    /// dups, when `max_page_sharing` filled one).
+    next: u32,
+    zero: bool,
+    live: bool,
+}
+
+/// The dedupe engine's state, kept by the page manager.
+pub(crate) struct Ksm {
+    pub config: DedupeConfig,
+    stable: Vec<StableFrame>,
+    free_ids: Vec<u32>,
+    /// Key -> first merged frame of the chain with that key.
+    stable_index: HashMap<u64, u32, KeyBuild>,
+    /// Key -> page ref ([`page_ref`]) of an unchanged page of this pass.
+    unstable: HashMap<u64, u64, KeyBuild>,
+    /// (domain, stable id) of each zero frame.
+    zero_frames: Vec<(u32, u32)>,
+    zero_hash: u64,
+    /// (vm, slot, page) to look at next.
+    cursor: (usize, usize, usize),
+    visited_this_pass: u64,
+    pass: PassStats,
+    last_pass: Option<PassStats>,
+    full_scans: u64,
+    merges: u64,
+    mismatches: u64,
+    scanned: u64,
+}
+
+fn key_of(hash: u64, domain: u32) -> u64 {
+    hash ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+fn page_ref(vm: usize, gfn: u64) -> u64 {
+    ((vm as u64) << 40) | gfn
+}
+
+fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
+    page.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+impl Ksm {
+    pub fn new(config: DedupeConfig) -> Ksm {
+        assert!(config.max_page_sharing >= 2, "max_page_sharing below 2 would never share");
+        Ksm {
+            config,
+            stable: Vec::new(),
+            free_ids: Vec::new(),
+            stable_index: HashMap::default(),
+            unstable: HashMap::default(),
+            zero_frames: Vec::new(),
+            zero_hash: xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]),
+            cursor: (0, 0, 0),
+            visited_this_pass: 0,
+            pass: PassStats::default(),
+            last_pass: None,
+            full_scans: 0,
+            merges: 0,
+            mismatches: 0,
+            scanned: 0,
+        }
+    }
+
+    fn frame_of(&self, id: u32) -> PhysAddr {
+        PhysAddr((self.stable[id as usize].frame as u64) << PAGE_SHIFT)
+    }
+
+    fn alloc_id(&mut self, rec: StableFrame) -> u32 {
+        match self.free_ids.pop() {
+            Some(id) => {
+                self.stable[id as usize] = rec;
+                id
+            }
+            None => {
+                self.stable.push(rec);
+                (self.stable.len() - 1) as u32
+            }
+        }
+    }
+
+    /// A new merged frame for content `key`, first in its chain.
+    fn new_stable(&mut self, frame: u32, key: u64) -> u32 {
+        let next = self.stable_index.get(&key).copied().unwrap_or(NIL);
+        let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next, zero: false, live: true });
+        self.stable_index.insert(key, id);
+        id
+    }
+
+    /// The first merged frame with content `key` that has room.
+    fn stable_with_room(&self, key: u64) -> Option<u32> {
+        let mut id = *self.stable_index.get(&key)?;
+        while id != NIL {
+            let s = &self.stable[id as usize];
+            if s.sharers < self.config.max_page_sharing {
+                return Some(id);
+            }
+            id = s.next;
+        }
+        None
+    }
+
+    fn zero_frame<P: PhysMem>(&mut self, mem: &P, frames: &mut FrameAllocator, domain: u32) -> Option<u32> {
+        if let Some(&(_, id)) = self.zero_frames.iter().find(|(d, _)| *d == domain) {
+            return Some(id);
+        }
+        let f = frames.alloc()?;
+        mem.zero_page(f);
+        let id = self.alloc_id(StableFrame { key: 0, frame: frame_number(f), sharers: 0, next: NIL, zero: true, live: true });
+        self.zero_frames.push((domain, id));
+        Some(id)
+    }
+
+    /// Drops one guest page's reference to merged frame `id`; the frame
+    /// is freed and leaves the index when none is left.
+    pub fn put(&mut self, frames: &mut FrameAllocator, id: u32) {
+        let s = &mut self.stable[id as usize];
+        assert!(s.live && s.sharers > 0, "reference to a dead merged frame {id}");
+        s.sharers -= 1;
+        if s.sharers == 0 {
+            self.remove(frames, id);
+        }
+    }
+
+    fn remove(&mut self, frames: &mut FrameAllocator, id: u32) {
+        let s = self.stable[id as usize];
+        if s.zero {
+            self.zero_frames.retain(|&(_, z)| z != id);
+        } else {
+            let head = self.stable_index[&s.key];
+            if head == id {
+                if s.next == NIL {
+                    self.stable_index.remove(&s.key);
+                } else {
+                    self.stable_index.insert(s.key, s.next);
+                }
+            } else {
+                let mut p = head;
+                while self.stable[p as usize].next != id {
+                    p = self.stable[p as usize].next;
+                    assert_ne!(p, NIL, "merged frame {id} missing from its chain");
+                }
+                self.stable[p as usize].next = s.next;
+            }
+        }
+        frames.free(self.frame_of(id)).expect("a merged frame is ours");
+        self.stable[id as usize].live = false;
+        self.free_ids.push(id);
+    }
+
+    fn finish_pass(&mut self) {
+        self.full_scans += 1;
+        self.last_pass = Some(self.pass);
+        self.pass = PassStats::default();
+        self.visited_this_pass = 0;
+        // KSM rebuilds the unstable tree every pass; clear keeps capacity.
+        self.unstable.clear();
+    }
+}
+
+/// Takes write access away from one guest page (start / end).
+fn write_protect<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, mmu: &Mmu<S>, gfn: u64) {
+    let r = GfnRange::one(gfn);
+    mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::WriteProtect);
+    mmu.invalidate_range_end(r);
+}
+
+/// Maps the page to merged frame `id` (start(change) / change_pte / end),
+/// then frees its old frame.
+fn replace<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    ksm: &mut Ksm,
+    v: &mut Vm<S>,
+    si: usize,
+    pi: usize,
+    id: u32,
+) {
+    let old = v.slots[si].pages[pi];
+    let gfn = v.slots[si].base_gfn + pi as u64;
+    let target = ksm.frame_of(id);
+    let r = GfnRange::one(gfn);
+    v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
+    v.mmu.change_pte(mem, gfn, target, Perms::RX);
+    v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id, flags: F_SHARED };
+    v.mmu.invalidate_range_end(r);
+    frames.free(old.pa()).expect("a private guest frame is ours");
+    ksm.stable[id as usize].sharers += 1;
+    ksm.merges += 1;
+}
+
+/// Write-protects the page, compares it with merged frame `id` and merges
+/// it if equal.
+fn merge_into<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    ksm: &mut Ksm,
+    v: &mut Vm<S>,
+    si: usize,
+    pi: usize,
+    id: u32,
+) -> bool {
+    let gfn = v.slots[si].base_gfn + pi as u64;
+    write_protect(mem, frames, &v.mmu, gfn);
+    let page = mem.page(v.slots[si].pages[pi].pa());
+    let equal = if ksm.stable[id as usize].zero { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
+    if !equal {
+        ksm.mismatches += 1;
+        return false;
+    }
+    replace(mem, frames, ksm, v, si, pi, id);
+    true
+}
+
+impl<P: PhysMem, S: Stage2> PageManager<P, S> {
+    /// Looks at up to `batch` page slots of mergeable memory, going on where
+    /// the last call stopped (call it between guest time slices).
+    pub fn scan(&mut self, batch: usize) -> ScanResult {
+        let mut res = ScanResult::default();
+        if self.ksm.config.policy == SharingPolicy::Off {
+            return res;
+        }
+        let PageManager { mem, frames, vms, ksm, .. } = self;
+        while res.visited < batch {
+            let (vi, si, pi) = ksm.cursor;
+            if vi >= vms.len() {
+                let empty = ksm.visited_this_pass == 0;
+                ksm.finish_pass();
+                ksm.cursor = (0, 0, 0);
+                res.full_scans_completed += 1;
+                if empty {
+                    break; // nothing mergeable anywhere
+                }
+                continue;
+            }
+            let Some(v) = vms[vi].as_mut() else {
+                ksm.cursor = (vi + 1, 0, 0);
+                continue;
+            };
+            if v.domain.is_none() || si >= v.slots.len() {
+                ksm.cursor = (vi + 1, 0, 0);
+                continue;
+            }
+            if !v.slots[si].mergeable || pi >= v.slots[si].pages.len() {
+                ksm.cursor = (vi, si + 1, 0);
+                continue;
+            }
+            ksm.cursor.2 += 1;
+            ksm.visited_this_pass += 1;
+            res.visited += 1;
+            res.merged += scan_one(mem, frames, vms, ksm, vi, si, pi);
+        }
+        res
+    }
+
+    /// True once a full pass merged nothing and saw no page change: more
+    /// scanning finds nothing new until the guests change memory.
+    pub fn scan_converged(&self) -> bool {
+        self.ksm.last_pass.is_some_and(|p| p.merged == 0 && p.changed == 0)
+    }
+
+    /// What the last complete pass saw.
+    pub fn last_pass(&self) -> Option<PassStats> {
+        self.ksm.last_pass
+    }
+
+    pub fn ksm_stats(&self) -> KsmStats {
+        let k = &self.ksm;
+        let mut s = KsmStats {
+            full_scans: k.full_scans,
+            merges: k.merges,
+            compare_mismatches: k.mismatches,
+            pages_scanned: k.scanned,
+            ..KsmStats::default()
+        };
+        for f in k.stable.iter().filter(|f| f.live) {
+            if f.zero {
+                s.zero_pages += f.sharers as u64;
+            } else {
+                s.pages_shared += 1;
+                s.pages_sharing += f.sharers as u64 - 1;
+            }
+        }
+        for v in self.vms.iter().flatten() {
+            for slot in &v.slots {
+                for e in &slot.pages {
+                    if e.flags & F_UNSTABLE != 0 {
+                        s.pages_unshared += 1;
+                    } else if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
+                        s.pages_volatile += 1;
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Checks the dedupe bookkeeping against the page map (for tests):
+    /// every merged frame's count equals the pages mapped to it.
+    pub fn check_consistency(&self) -> Result<(), &'static str> {
+        let mut counts = alloc::vec![0u32; self.ksm.stable.len()];
+        for v in self.vms.iter().flatten() {
+            for slot in &v.slots {
+                for e in &slot.pages {
+                    if e.shared() {
+                        let f = self.ksm.stable.get(e.aux as usize).ok_or("bad stable index")?;
+                        if !f.live || f.frame != e.frame {
+                            return Err("page mapped to a dead or different merged frame");
+                        }
+                        counts[e.aux as usize] += 1;
+                    } else if e.frame != NO_FRAME && !self.frames.is_allocated(e.pa()) {
+                        return Err("private page on a free frame");
+                    }
+                }
+            }
+        }
+        for (i, f) in self.ksm.stable.iter().enumerate() {
+            if f.live && (f.sharers != counts[i] || f.sharers == 0) {
+                return Err("merged frame count differs from its mappings");
+            }
+            if f.live && f.sharers > self.ksm.config.max_page_sharing && !f.zero {
+                return Err("merged frame over max_page_sharing");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One page, in KSM's order (see the module comment). Returns how many
+/// pages became merged.
+fn scan_one<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    vms: &mut [Option<crate::page_manager::Vm<S>>],
+    ksm: &mut Ksm,
+    vi: usize,
+    si: usize,
+    pi: usize,
+) -> usize {
+    ksm.scanned += 1;
+    let v = vms[vi].as_mut().expect("scanned VM exists");
+    let domain = v.domain.expect("scanned VM merges");
+    let gfn = v.slots[si].base_gfn + pi as u64;
+    let e = &mut v.slots[si].pages[pi];
+    if e.frame == NO_FRAME || e.shared() {
+        return 0;
+    }
+    e.flags &= !F_UNSTABLE; // it left last pass's unstable index
+    let hash = xxhash_rust::xxh3::xxh3_64(mem.page(e.pa()));
+    let key = key_of(hash, domain);
+
+    // 1. A merged frame with this content and room for one more.
+    if let Some(id) = ksm.stable_with_room(key) {
+        if merge_into(mem, frames, ksm, v, si, pi, id) {
+            ksm.pass.merged += 1;
+            return 1;
+        }
+    }
+    // 2. Changed since the last look: not a candidate yet.
+    let e = &mut v.slots[si].pages[pi];
+    let sum = hash as u32;
+    if e.flags & F_CSUM == 0 || e.aux != sum {
+        e.aux = sum;
+        e.flags |= F_CSUM;
+        ksm.pass.changed += 1;
+        return 0;
+    }
+    // 3. All zero: the domain's zero frame.
+    if ksm.config.use_zero_pages && hash == ksm.zero_hash {
+        if let Some(id) = ksm.zero_frame(mem, frames, domain) {
+            if merge_into(mem, frames, ksm, v, si, pi, id) {
+                ksm.pass.merged += 1;
+                return 1;
+            }
+            if ksm.stable[id as usize].sharers == 0 {
+                ksm.remove(frames, id);
+            }
+        }
+        return 0;
+    }
+    // 4. An unchanged twin seen earlier in this pass.
+    let me = page_ref(vi, gfn);
+    let twin = match ksm.unstable.get(&key) {
+        Some(&q) if q != me => valid_twin(vms, q, domain, sum),
+        _ => None,
+    };
+    let Some((qvi, qsi, qpi)) = twin else {
+        ksm.unstable.insert(key, me);
+        vms[vi].as_mut().unwrap().slots[si].pages[pi].flags |= F_UNSTABLE;
+        return 0;
+    };
+    let qgfn = vms[qvi].as_ref().unwrap().slots[qsi].base_gfn + qpi as u64;
+    write_protect(mem, frames, &vms[qvi].as_ref().unwrap().mmu, qgfn);
+    write_protect(mem, frames, &vms[vi].as_ref().unwrap().mmu, gfn);
+    let qe = vms[qvi].as_ref().unwrap().slots[qsi].pages[qpi];
+    let pe = vms[vi].as_ref().unwrap().slots[si].pages[pi];
+    if mem.page(qe.pa()) != mem.page(pe.pa()) {
+        ksm.mismatches += 1;
+        return 0;
+    }
+    // The twin's frame becomes the merged frame; its translation is
+    // already read-only and stays.
+    ksm.unstable.remove(&key);
+    let id = ksm.new_stable(qe.frame, key);
+    ksm.stable[id as usize].sharers = 1;
+    ksm.merges += 1;
+    vms[qvi].as_mut().unwrap().slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id, flags: F_SHARED };
+    replace(mem, frames, ksm, vms[vi].as_mut().unwrap(), si, pi, id);
+    ksm.pass.merged += 2;
+    2
+}
+
+/// The page behind an unstable-index entry, if it is still an unmerged,
+/// unchanged page of the same domain.
+fn valid_twin<S: Stage2>(
+    vms: &[Option<crate::page_manager::Vm<S>>],
+    q: u64,
+    domain: u32,
+    sum: u32,
+) -> Option<(usize, usize, usize)> {
+    let qvi = (q >> 40) as usize;
+    let v = vms.get(qvi)?.as_ref()?;
+    if v.domain != Some(domain) {
+        return None;
+    }
+    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    let e = v.slots[si].pages[pi];
+    let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags & (F_SHARED | F_CSUM) == F_CSUM && e.aux == sum;
+    ok.then_some((qvi, si, pi))
+}

@@ -1,0 +1,450 @@
+//! The page manager: the primary MMU of guest memory.
+//!
+//! Per VM it keeps memory slots (guest-physical ranges, each flagged
+//! mergeable or not) with one small [`PageEntry`] per guest page, saying
+//! which host frame backs it. Frames are allocated on first touch. It is
+//! the only code that changes a guest's memory map, and every change
+//! reaches the VM's second-stage tables through the notifier calls of
+//! [`Mmu`] (start / change_pte / end). Merged frames are shared across VMs;
+//! their reference counts live in the dedupe engine's stable records
+//! ([`crate::dedupe`]), a private frame's count is implicitly one.
+
+use crate::dedupe::{DedupeConfig, Ksm};
+use crate::ept::EptTables;
+use crate::frame::FrameAllocator;
+use crate::mmu_notifier::{GfnRange, Install, InvalidateEvent, Mmu, NotifierMode, TlbFlush};
+use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
+use crate::stage2::{MapError, Perms, Stage2};
+use crate::stats::{self, Stats, VmStats};
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// A VM of this page manager (an index; never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VmId(pub u16);
+
+/// The access that caused an EPT violation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Exec,
+}
+
+impl Access {
+    pub fn perms(self) -> Perms {
+        match self {
+            Access::Read => Perms::READ,
+            Access::Write => Perms::WRITE,
+            Access::Exec => Perms::EXEC,
+        }
+    }
+}
+
+/// What the kernel does after an EPT violation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The translation is there: resume the guest.
+    Resolved,
+    /// An invalidation raced with the fault: resume the guest, it will
+    /// fault again (Linux's RET_PF_RETRY).
+    Retry,
+    /// The address is in no memory slot (MMIO or a guest bug).
+    OutsideMemory,
+    /// No host frame for the page or a table: stop this VM.
+    OutOfMemory,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PmError {
+    NoSuchVm,
+    /// An address is in no memory slot.
+    OutsideMemory(u64),
+    OutOfMemory,
+    /// A slot that is unaligned, empty, too high or overlapping another.
+    BadSlot,
+    TooManyVms,
+}
+
+/// How a VM is set up.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub mode: NotifierMode,
+    /// For [`crate::dedupe::SharingPolicy::Groups`]: VMs with the same group
+    /// name may share frames; a VM with none shares only with itself.
+    pub share_group: Option<String>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig { mode: NotifierMode::ChangePte, share_group: None }
+    }
+}
+
+/// No host frame behind the page yet.
+pub(crate) const NO_FRAME: u32 = u32::MAX;
+/// The frame is a merged (stable) frame; `aux` is its stable record.
+pub(crate) const F_SHARED: u8 = 1;
+/// `aux` holds the page's checksum from the last scan.
+pub(crate) const F_CSUM: u8 = 2;
+/// The page went into the unstable index (counts in `pages_unshared`
+/// until the scanner next looks at it, as in KSM).
+pub(crate) const F_UNSTABLE: u8 = 4;
+
+/// What the page manager and the dedupe engine keep per guest page:
+/// 12 bytes (Linux's `rmap_item` alone is 64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PageEntry {
+    /// Host frame number, or [`NO_FRAME`].
+    pub frame: u32,
+    /// Checksum ([`F_CSUM`]) or stable record index ([`F_SHARED`]).
+    pub aux: u32,
+    pub flags: u8,
+}
+
+impl PageEntry {
+    pub const EMPTY: PageEntry = PageEntry { frame: NO_FRAME, aux: 0, flags: 0 };
+
+    pub fn pa(&self) -> PhysAddr {
+        PhysAddr((self.frame as u64) << PAGE_SHIFT)
+    }
+    pub fn shared(&self) -> bool {
+        self.flags & F_SHARED != 0
+    }
+}
+
+pub(crate) fn frame_number(pa: PhysAddr) -> u32 {
+    let n = pa.frame_number();
+    assert!(n < NO_FRAME as u64, "host frame {:#x} beyond 16 TiB", pa.0);
+    n as u32
+}
+
+/// A guest-physical range backed by the page manager.
+pub(crate) struct MemSlot {
+    pub base_gfn: u64,
+    pub mergeable: bool,
+    pub pages: Vec<PageEntry>,
+}
+
+pub(crate) struct Vm<S: Stage2> {
+    pub mmu: Mmu<S>,
+    pub slots: Vec<MemSlot>,
+    /// Who this VM may share frames with (None: merging off).
+    pub domain: Option<u32>,
+    pub stats: VmStats,
+}
+
+impl<S: Stage2> Vm<S> {
+    /// (slot, index) of `gfn`.
+    pub fn find(&self, gfn: u64) -> Option<(usize, usize)> {
+        self.slots.iter().enumerate().find_map(|(i, s)| {
+            let off = gfn.checked_sub(s.base_gfn)?;
+            ((off as usize) < s.pages.len()).then_some((i, off as usize))
+        })
+    }
+}
+
+/// Guest memory of all VMs, the host frames behind it and the dedupe engine.
+pub struct PageManager<P: PhysMem, S: Stage2 = EptTables> {
+    pub(crate) mem: P,
+    pub(crate) frames: FrameAllocator,
+    pub(crate) vms: Vec<Option<Vm<S>>>,
+    pub(crate) ksm: Ksm,
+    pub(crate) groups: Vec<String>,
+}
+
+impl<P: PhysMem, S: Stage2> PageManager<P, S> {
+    /// A page manager over host memory `mem`, taking frames from `frames`
+    /// (for guest pages, tables and merged frames alike).
+    pub fn new(mem: P, frames: FrameAllocator, dedupe: DedupeConfig) -> Self {
+        PageManager { mem, frames, vms: Vec::new(), ksm: Ksm::new(dedupe), groups: Vec::new() }
+    }
+
+    pub fn mem(&self) -> &P {
+        &self.mem
+    }
+
+    pub fn frames(&self) -> &FrameAllocator {
+        &self.frames
+    }
+
+    pub fn create_vm(&mut self, config: VmConfig, flusher: Box<dyn TlbFlush>) -> Result<VmId, PmError> {
+        let index = self.vms.len();
+        if index > u16::MAX as usize {
+            return Err(PmError::TooManyVms);
+        }
+        let mmu = Mmu::new(&self.mem, &mut self.frames, flusher, config.mode).map_err(|_| PmError::OutOfMemory)?;
+        let group = config.share_group.map(|name| match self.groups.iter().position(|g| *g == name) {
+            Some(i) => i as u32,
+            None => {
+                self.groups.push(name);
+                (self.groups.len() - 1) as u32
+            }
+        });
+        let domain = self.ksm.config.policy.domain(index as u32, group);
+        self.vms.push(Some(Vm { mmu, slots: Vec::new(), domain, stats: VmStats::default() }));
+        Ok(VmId(index as u16))
+    }
+
+    /// Adds `size` bytes of guest memory at `base_gpa` (both page-aligned).
+    pub fn add_slot(&mut self, vm: VmId, base_gpa: u64, size: u64, mergeable: bool) -> Result<(), PmError> {
+        let v = self.vm_mut(vm)?;
+        let page = PAGE_SIZE as u64;
+        let end = base_gpa.checked_add(size).ok_or(PmError::BadSlot)?;
+        if base_gpa % page != 0 || size % page != 0 || size == 0 || end > crate::ept::GPA_LIMIT {
+            return Err(PmError::BadSlot);
+        }
+        let (g0, g1) = (base_gpa >> PAGE_SHIFT, end >> PAGE_SHIFT);
+        if v.slots.iter().any(|s| g0 < s.base_gfn + s.pages.len() as u64 && s.base_gfn < g1) {
+            return Err(PmError::BadSlot);
+        }
+        v.slots.push(MemSlot { base_gfn: g0, mergeable, pages: vec![PageEntry::EMPTY; (g1 - g0) as usize] });
+        Ok(())
+    }
+
+    pub(crate) fn vm(&self, vm: VmId) -> Result<&Vm<S>, PmError> {
+        self.vms.get(vm.0 as usize).and_then(|v| v.as_ref()).ok_or(PmError::NoSuchVm)
+    }
+
+    pub(crate) fn vm_mut(&mut self, vm: VmId) -> Result<&mut Vm<S>, PmError> {
+        self.vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)
+    }
+
+    /// The VM's second-stage tables and notifier state (the kernel takes
+    /// the EPTP from it; tests walk it like the hardware).
+    pub fn mmu(&self, vm: VmId) -> Result<&Mmu<S>, PmError> {
+        Ok(&self.vm(vm)?.mmu)
+    }
+
+    /// The single entry point for EPT violations (nested page faults).
+    ///
+    /// The fault path of DESIGN.md rule 4: first the page manager makes
+    /// the page ready for the access (allocate on first touch, copy on a
+    /// write to a merged page, both through the notifier), then, with
+    /// the sequence snapshotted before the frame is read, the translation
+    /// is installed unless an invalidation got in between.
+    pub fn handle_ept_violation(&mut self, vm: VmId, gpa: u64, access: Access) -> Outcome {
+        let PageManager { mem, frames, vms, ksm, .. } = self;
+        let Some(Some(v)) = vms.get_mut(vm.0 as usize) else {
+            return Outcome::OutsideMemory;
+        };
+        v.stats.ept_violations += 1;
+        let gfn = gpa >> PAGE_SHIFT;
+        let Some((si, idx)) = v.find(gfn) else {
+            v.stats.outside += 1;
+            return Outcome::OutsideMemory;
+        };
+        let e = v.slots[si].pages[idx];
+        if e.frame == NO_FRAME {
+            v.stats.not_present += 1;
+            if populate(mem, frames, v, si, idx).is_err() {
+                v.stats.out_of_memory += 1;
+                return Outcome::OutOfMemory;
+            }
+        } else if e.shared() && access == Access::Write {
+            v.stats.write_shared += 1;
+            if cow_break(mem, frames, ksm, v, si, idx).is_err() {
+                v.stats.out_of_memory += 1;
+                return Outcome::OutOfMemory;
+            }
+        } else if v.mmu.lookup(mem, gfn).is_some() {
+            v.stats.write_protected += 1;
+        } else {
+            v.stats.not_present += 1;
+        }
+        // Snapshot, then ask the page manager which frame backs the page.
+        let seq = v.mmu.invalidate_seq();
+        let e = v.slots[si].pages[idx];
+        let perms = if e.shared() { Perms::RX } else { Perms::RWX };
+        match v.mmu.install(mem, frames, gfn, e.pa(), perms, seq) {
+            Install::Installed | Install::AlreadyPresent => Outcome::Resolved,
+            Install::Retry => {
+                v.stats.retries += 1;
+                Outcome::Retry
+            }
+            Install::OutOfFrames => {
+                v.stats.out_of_memory += 1;
+                Outcome::OutOfMemory
+            }
+        }
+    }
+
+    /// Copies guest memory at `gpa` into `buf`, as the hypervisor sees it
+    /// (pages never touched read as zero and stay unallocated).
+    pub fn read_gpa(&self, vm: VmId, gpa: u64, buf: &mut [u8]) -> Result<(), PmError> {
+        let v = self.vm(vm)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let a = gpa + done as u64;
+            let (si, idx) = v.find(a >> PAGE_SHIFT).ok_or(PmError::OutsideMemory(a))?;
+            let off = (a as usize) % PAGE_SIZE;
+            let n = (PAGE_SIZE - off).min(buf.len() - done);
+            let e = v.slots[si].pages[idx];
+            if e.frame == NO_FRAME {
+                buf[done..done + n].fill(0);
+            } else {
+                buf[done..done + n].copy_from_slice(&self.mem.page(e.pa())[off..off + n]);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` into guest memory at `gpa` for the hypervisor (loading
+    /// an image, answering a hypercall). Allocates pages on first touch and
+    /// breaks sharing of merged pages first. Checks the whole range before
+    /// writing anything; on running out of frames, part may be written.
+    pub fn write_gpa(&mut self, vm: VmId, gpa: u64, data: &[u8]) -> Result<(), PmError> {
+        let PageManager { mem, frames, vms, ksm, .. } = self;
+        let v = vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)?;
+        let end = gpa.checked_add(data.len() as u64).ok_or(PmError::OutsideMemory(gpa))?;
+        let mut a = gpa;
+        while a < end {
+            v.find(a >> PAGE_SHIFT).ok_or(PmError::OutsideMemory(a))?;
+            a = ((a >> PAGE_SHIFT) + 1) << PAGE_SHIFT;
+        }
+        let mut done = 0;
+        while done < data.len() {
+            let a = gpa + done as u64;
+            let (si, idx) = v.find(a >> PAGE_SHIFT).expect("checked above");
+            let e = v.slots[si].pages[idx];
+            if e.frame == NO_FRAME {
+                populate(mem, frames, v, si, idx).map_err(|_| PmError::OutOfMemory)?;
+            } else if e.shared() {
+                cow_break(mem, frames, ksm, v, si, idx).map_err(|_| PmError::OutOfMemory)?;
+            }
+            let off = (a as usize) % PAGE_SIZE;
+            let n = (PAGE_SIZE - off).min(data.len() - done);
+            mem.page_mut(v.slots[si].pages[idx].pa())[off..off + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Gives the pages of `gpa..gpa+len` back (as `MADV_DONTNEED`): their
+    /// translations are zapped, their frames freed or unshared, and they
+    /// read as zero until touched again.
+    pub fn discard(&mut self, vm: VmId, gpa: u64, len: u64) -> Result<(), PmError> {
+        let PageManager { mem, frames, vms, ksm, .. } = self;
+        let v = vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)?;
+        let page = PAGE_SIZE as u64;
+        if gpa % page != 0 || len % page != 0 {
+            return Err(PmError::BadSlot);
+        }
+        let range = GfnRange { start: gpa >> PAGE_SHIFT, end: (gpa + len) >> PAGE_SHIFT };
+        for gfn in range.start..range.end {
+            v.find(gfn).ok_or(PmError::OutsideMemory(gfn << PAGE_SHIFT))?;
+        }
+        v.mmu.invalidate_range_start(mem, frames, range, InvalidateEvent::Clear);
+        let mut freed = Vec::new();
+        for gfn in range.start..range.end {
+            let (si, idx) = v.find(gfn).expect("checked above");
+            let e = core::mem::replace(&mut v.slots[si].pages[idx], PageEntry::EMPTY);
+            if e.frame != NO_FRAME {
+                freed.push(e);
+            }
+        }
+        v.mmu.invalidate_range_end(range);
+        // Frames go back only after the end (the TLB was flushed at start).
+        for e in freed {
+            release(frames, ksm, e);
+        }
+        Ok(())
+    }
+
+    /// Tears a VM down: every page unshared or freed, the tables freed.
+    pub fn destroy_vm(&mut self, vm: VmId) -> Result<(), PmError> {
+        let v = self.vms.get_mut(vm.0 as usize).and_then(|v| v.take()).ok_or(PmError::NoSuchVm)?;
+        for s in &v.slots {
+            for e in &s.pages {
+                if e.frame != NO_FRAME {
+                    release(&mut self.frames, &mut self.ksm, *e);
+                }
+            }
+        }
+        v.mmu.destroy(&self.mem, &mut self.frames);
+        Ok(())
+    }
+
+    /// The host frame behind `gpa` in the page manager's map.
+    pub fn backing_frame(&self, vm: VmId, gpa: u64) -> Option<PhysAddr> {
+        let v = self.vm(vm).ok()?;
+        let (si, idx) = v.find(gpa >> PAGE_SHIFT)?;
+        let e = v.slots[si].pages[idx];
+        (e.frame != NO_FRAME).then(|| e.pa())
+    }
+
+    /// Whether the page at `gpa` is mapped to a merged (or zero) frame.
+    pub fn is_merged(&self, vm: VmId, gpa: u64) -> bool {
+        let Ok(v) = self.vm(vm) else { return false };
+        v.find(gpa >> PAGE_SHIFT).is_some_and(|(si, idx)| v.slots[si].pages[idx].shared())
+    }
+
+    pub fn vm_stats(&self, vm: VmId) -> Result<(VmStats, crate::mmu_notifier::MmuStats), PmError> {
+        let v = self.vm(vm)?;
+        Ok((v.stats, v.mmu.stats()))
+    }
+
+    /// All counters, summed over the live VMs.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats { ksm: self.ksm_stats(), ..Stats::default() };
+        for v in self.vms.iter().flatten() {
+            s.vm.add(&v.stats);
+            stats::add_mmu(&mut s.mmu, &v.mmu.stats());
+        }
+        s
+    }
+}
+
+/// Backs a never-touched page with a fresh zeroed frame. No translation
+/// exists yet, so no invalidation is needed.
+fn populate<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    v: &mut Vm<S>,
+    si: usize,
+    idx: usize,
+) -> Result<(), MapError> {
+    let f = frames.alloc().ok_or(MapError::OutOfFrames)?;
+    mem.zero_page(f);
+    v.slots[si].pages[idx] = PageEntry { frame: frame_number(f), aux: 0, flags: 0 };
+    v.stats.pages_allocated += 1;
+    Ok(())
+}
+
+/// Copy-on-write: the merged page gets a private copy, mapped writable
+/// through start(change) / change_pte / end, and the merged frame loses a
+/// reference (freed when none is left). Out of frames: nothing changes.
+pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    ksm: &mut Ksm,
+    v: &mut Vm<S>,
+    si: usize,
+    idx: usize,
+) -> Result<PhysAddr, MapError> {
+    let e = v.slots[si].pages[idx];
+    debug_assert!(e.shared());
+    let new = frames.alloc().ok_or(MapError::OutOfFrames)?;
+    mem.copy_page(e.pa(), new);
+    let gfn = v.slots[si].base_gfn + idx as u64;
+    let r = GfnRange::one(gfn);
+    v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
+    v.mmu.change_pte(mem, gfn, new, Perms::RWX);
+    v.slots[si].pages[idx] = PageEntry { frame: frame_number(new), aux: 0, flags: 0 };
+    v.mmu.invalidate_range_end(r);
+    ksm.put(frames, e.aux);
+    v.stats.cow_breaks += 1;
+    Ok(new)
+}
+
+/// Drops a page's hold on its frame (after its translation is gone).
+fn release(frames: &mut FrameAllocator, ksm: &mut Ksm, e: PageEntry) {
+    if e.shared() {
+        ksm.put(frames, e.aux);
+    } else {
+        frames.free(e.pa()).expect("a private guest frame is ours");
+    }
+}

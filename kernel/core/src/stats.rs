@@ -1,0 +1,86 @@
+//! Counters, with Linux's KSM names where there is one
+//! (`/sys/kernel/mm/ksm/*`, Documentation/admin-guide/mm/ksm.rst).
+
+use crate::mmu_notifier::MmuStats;
+
+/// Per-VM counters of the page manager (the notifier's are in [`MmuStats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// Every call of `handle_ept_violation`.
+    pub ept_violations: u64,
+    /// ... for a page with no translation (first touch, or zapped).
+    pub not_present: u64,
+    /// ... a write to a merged page (copy-on-write).
+    pub write_shared: u64,
+    /// ... a write to a private page that was write-protected (for a
+    /// compare that found the pages different).
+    pub write_protected: u64,
+    /// ... outside every memory slot.
+    pub outside: u64,
+    /// Violations that ended in "let the guest fault again".
+    pub retries: u64,
+    /// Violations that could not get a host frame.
+    pub out_of_memory: u64,
+    /// Merged pages made private again (by the guest or the hypervisor).
+    pub cow_breaks: u64,
+    /// Frames allocated on first touch.
+    pub pages_allocated: u64,
+}
+
+impl VmStats {
+    pub fn add(&mut self, o: &VmStats) {
+        self.ept_violations += o.ept_violations;
+        self.not_present += o.not_present;
+        self.write_shared += o.write_shared;
+        self.write_protected += o.write_protected;
+        self.outside += o.outside;
+        self.retries += o.retries;
+        self.out_of_memory += o.out_of_memory;
+        self.cow_breaks += o.cow_breaks;
+        self.pages_allocated += o.pages_allocated;
+    }
+}
+
+pub(crate) fn add_mmu(t: &mut MmuStats, o: &MmuStats) {
+    t.invalidate_range_start += o.invalidate_range_start;
+    t.change_pte += o.change_pte;
+    t.change_pte_installed += o.change_pte_installed;
+    t.invalidate_range_end += o.invalidate_range_end;
+    t.tlb_flushes += o.tlb_flushes;
+    t.installs += o.installs;
+    t.retries += o.retries;
+    t.warnings += o.warnings;
+}
+
+/// The dedupe engine's state, as Linux's KSM reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KsmStats {
+    /// Merged frames in use (not counting zero frames).
+    pub pages_shared: u64,
+    /// Guest pages mapped to a merged frame, beyond the first of each.
+    pub pages_sharing: u64,
+    /// Pages in the unstable index: unchanged, but no twin found yet.
+    pub pages_unshared: u64,
+    /// Pages looked at that changed since the last look (or that are in
+    /// no index for another reason).
+    pub pages_volatile: u64,
+    /// Completed passes over all mergeable memory.
+    pub full_scans: u64,
+    /// Pages mapped to a zero frame (Linux: `ksm_zero_pages`).
+    pub zero_pages: u64,
+    /// Pages merged (into a merged frame or a zero frame), ever.
+    pub merges: u64,
+    /// Byte compares that found different content behind equal hashes or
+    /// a candidate that changed.
+    pub compare_mismatches: u64,
+    /// Pages looked at by `scan`.
+    pub pages_scanned: u64,
+}
+
+/// Everything, summed over all VMs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub ksm: KsmStats,
+    pub vm: VmStats,
+    pub mmu: MmuStats,
+}
