@@ -353,34 +353,14 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             return res;
         }
         let PageManager { mem, frames, vms, ksm, .. } = self;
-        while res.visited < batch {
+        while res.visited < batch && next_page(ksm, vms, &mut res) {
             let (vi, si, pi) = ksm.cursor;
-            if vi >= vms.len() {
-                let empty = ksm.visited_this_pass == 0;
-                ksm.finish_pass();
-                ksm.cursor = (0, 0, 0);
-                res.full_scans_completed += 1;
-                if empty {
-                    break; // nothing mergeable anywhere
-                }
-                continue;
-            }
-            let Some(v) = vms[vi].as_mut() else {
-                ksm.cursor = (vi + 1, 0, 0);
-                continue;
-            };
-            if v.domain.is_none() || si >= v.slots.len() {
-                ksm.cursor = (vi + 1, 0, 0);
-                continue;
-            }
-            if !v.slots[si].mergeable || pi >= v.slots[si].pages.len() {
-                ksm.cursor = (vi, si + 1, 0);
-                continue;
-            }
             ksm.cursor.2 += 1;
             ksm.visited_this_pass += 1;
             res.visited += 1;
             res.merged += scan_one(mem, frames, vms, ksm, vi, si, pi);
+            // Move on now, so a pass ends with its last page.
+            next_page(ksm, vms, &mut res);
         }
         res
     }
@@ -455,6 +435,37 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Moves the cursor to the next mergeable page slot, ending the pass when
+/// it runs past the last VM. False if there is nothing to scan.
+fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResult) -> bool {
+    let mut wrapped = false;
+    loop {
+        let (vi, si, pi) = ksm.cursor;
+        if vi >= vms.len() {
+            if ksm.visited_this_pass == 0 && (wrapped || vms.is_empty()) {
+                ksm.cursor = (0, 0, 0);
+                return false; // nothing mergeable anywhere
+            }
+            if ksm.visited_this_pass > 0 {
+                ksm.finish_pass();
+                res.full_scans_completed += 1;
+            }
+            ksm.cursor = (0, 0, 0);
+            wrapped = true;
+            continue;
+        }
+        match &vms[vi] {
+            Some(v) if v.domain.is_some() && si < v.slots.len() => {
+                if v.slots[si].mergeable && pi < v.slots[si].pages.len() {
+                    return true;
+                }
+                ksm.cursor = (vi, si + 1, 0);
+            }
+            _ => ksm.cursor = (vi + 1, 0, 0),
+        }
     }
 }
 

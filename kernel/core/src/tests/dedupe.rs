@@ -1,1 +1,303 @@
+use super::*;
+use crate::dedupe::SharingPolicy;
+use crate::page_manager::{Access, Outcome};
+use crate::phys::PhysMem;
+use crate::sim::SimGuest;
+use crate::stage2::Perms;
 
+fn cfg(policy: SharingPolicy) -> DedupeConfig {
+    DedupeConfig { policy, ..DedupeConfig::default() }
+}
+
+/// Fills pages of `v` with the given bytes, as its guest would.
+fn fill(pm: &mut PageManager<Arena>, v: VmId, bytes: &[u8]) -> SimGuest {
+    let mut g = SimGuest::new(v);
+    for (p, &b) in bytes.iter().enumerate() {
+        g.fill_page(pm, gpa(p as u64), b).unwrap();
+    }
+    g
+}
+
+fn page_bytes(pm: &PageManager<Arena>, v: VmId, p: u64) -> [u8; 4096] {
+    let mut b = [0u8; 4096];
+    pm.read_gpa(v, gpa(p), &mut b).unwrap();
+    b
+}
+
+#[test]
+fn equal_pages_merge_into_one_read_only_frame() {
+    let mut pm = pm(128, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 4, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[7, 7, 9, 7]);
+    let free = pm.frames().free_frames();
+    // First pass: checksums only (KSM merges only pages that held still).
+    let r = pm.scan(4);
+    assert_eq!((r.merged, r.full_scans_completed), (0, 1));
+    assert_eq!(pm.ksm_stats().pages_volatile, 4);
+    // Second pass merges, third finds nothing new.
+    assert_eq!(scan_until_converged(&mut pm), 2);
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (1, 2, 1));
+    assert_eq!(s.merges, 3);
+    assert_eq!(pm.frames().free_frames(), free + 2);
+    let f0 = pm.backing_frame(v, gpa(0)).unwrap();
+    assert_eq!(pm.backing_frame(v, gpa(1)), Some(f0));
+    assert_eq!(pm.backing_frame(v, gpa(3)), Some(f0));
+    assert_ne!(pm.backing_frame(v, gpa(2)), Some(f0));
+    for p in [0, 1, 3] {
+        let l = pm.mmu(v).unwrap().lookup(pm.mem(), gpa(p) >> 12).unwrap();
+        assert_eq!((l.hpa, l.perms), (f0, Perms::RX));
+    }
+    assert_eq!(page_bytes(&pm, v, 3), [7; 4096]);
+    pm.check_consistency().unwrap();
+    let (_, mmu) = pm.vm_stats(v).unwrap();
+    assert_eq!(mmu.warnings, 0);
+    assert_eq!(mmu.invalidate_range_start, mmu.invalidate_range_end);
+    assert!(mmu.change_pte >= 2);
+}
+
+#[test]
+fn a_write_after_a_cross_vm_merge_never_shows_in_the_other_vm() {
+    let mut pm = pm(128, DedupeConfig::default());
+    let (a, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    let (b, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    let mut ga = fill(&mut pm, a, &[0x11, 0x22]);
+    let mut gb = fill(&mut pm, b, &[0x11, 0x33]);
+    scan_until_converged(&mut pm);
+    assert_eq!(pm.backing_frame(a, gpa(0)), pm.backing_frame(b, gpa(0)));
+    let shared = pm.backing_frame(a, gpa(0)).unwrap();
+    let before = ga.violations;
+    ga.write(&mut pm, gpa(0) + 10, b"A wrote this").unwrap();
+    assert_eq!(ga.violations, before + 1, "one write violation for the copy");
+    assert_ne!(pm.backing_frame(a, gpa(0)), Some(shared));
+    let mut buf = [0u8; 12];
+    gb.read(&mut pm, gpa(0) + 10, &mut buf).unwrap();
+    assert_eq!(buf, [0x11; 12]);
+    assert_eq!(page_bytes(&pm, b, 0), [0x11; 4096]);
+    ga.read(&mut pm, gpa(0) + 10, &mut buf).unwrap();
+    assert_eq!(&buf, b"A wrote this");
+    let (sa, _) = pm.vm_stats(a).unwrap();
+    assert_eq!((sa.cow_breaks, sa.write_shared), (1, 1));
+    // B still maps the old merged frame; it has one sharer left.
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 0));
+    // B's write frees the merged frame.
+    let free = pm.frames().free_frames();
+    gb.write(&mut pm, gpa(0), &[1]).unwrap();
+    assert_eq!(pm.frames().free_frames(), free, "one new frame, the merged one freed");
+    assert_eq!(pm.ksm_stats().pages_shared, 0);
+    assert!(!pm.frames().is_allocated(shared));
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn zero_pages_share_one_zero_frame_without_a_cap() {
+    let mut pm = pm(128, DedupeConfig { max_page_sharing: 2, ..DedupeConfig::default() });
+    let (v, _) = vm(&mut pm, 10, true, NotifierMode::ChangePte, None);
+    let mut g = fill(&mut pm, v, &[0, 0, 0, 0, 0, 0, 0, 0, 5, 5]);
+    scan_until_converged(&mut pm);
+    let s = pm.ksm_stats();
+    assert_eq!(s.zero_pages, 8);
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 1));
+    let z = pm.backing_frame(v, gpa(0)).unwrap();
+    for p in 0..8 {
+        assert_eq!(pm.backing_frame(v, gpa(p)), Some(z));
+    }
+    assert!(pm.mem().page(z).iter().all(|&b| b == 0));
+    // COW from the zero frame.
+    g.write(&mut pm, gpa(3) + 1, &[9]).unwrap();
+    assert_eq!(page_bytes(&pm, v, 3)[..3], [0, 9, 0]);
+    assert_eq!(page_bytes(&pm, v, 4), [0; 4096]);
+    assert_eq!(pm.ksm_stats().zero_pages, 7);
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn without_use_zero_pages_zero_pages_merge_like_others() {
+    let mut pm = pm(128, DedupeConfig { use_zero_pages: false, ..DedupeConfig::default() });
+    let (v, _) = vm(&mut pm, 6, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[0; 6]);
+    scan_until_converged(&mut pm);
+    let s = pm.ksm_stats();
+    assert_eq!((s.zero_pages, s.pages_shared, s.pages_sharing), (0, 1, 5));
+}
+
+#[test]
+fn policy_off_merges_nothing() {
+    let mut pm = pm(128, cfg(SharingPolicy::Off));
+    let (v, _) = vm(&mut pm, 4, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[1, 1, 0, 0]);
+    for _ in 0..4 {
+        assert_eq!(pm.scan(100).visited, 0);
+    }
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.zero_pages, s.full_scans), (0, 0, 0, 0));
+}
+
+#[test]
+fn non_mergeable_slots_are_left_alone() {
+    let mut pm = pm(128, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 4, false, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[1, 1, 0, 0]);
+    let r = pm.scan(100);
+    assert_eq!(r.visited, 0);
+    assert_eq!(pm.ksm_stats().merges, 0);
+}
+
+#[test]
+fn same_vm_only_keeps_vms_apart() {
+    let mut pm = pm(128, cfg(SharingPolicy::SameVm));
+    let (a, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+    let (b, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, a, &[4, 4, 0]);
+    fill(&mut pm, b, &[4, 4, 0]);
+    scan_until_converged(&mut pm);
+    let (fa, fb) = (pm.backing_frame(a, gpa(0)).unwrap(), pm.backing_frame(b, gpa(0)).unwrap());
+    assert_ne!(fa, fb);
+    assert_eq!(pm.backing_frame(a, gpa(1)), Some(fa));
+    assert_eq!(pm.backing_frame(b, gpa(1)), Some(fb));
+    assert_ne!(pm.backing_frame(a, gpa(2)), pm.backing_frame(b, gpa(2)), "a zero frame per VM");
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.zero_pages), (2, 2, 2));
+}
+
+#[test]
+fn named_groups_share_only_inside_a_group() {
+    let mut pm = pm(128, cfg(SharingPolicy::Groups));
+    let (a, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, Some("red"));
+    let (b, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, Some("red"));
+    let (c, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, Some("blue"));
+    let (d, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, None);
+    for v in [a, b, c, d] {
+        fill(&mut pm, v, &[8]);
+    }
+    scan_until_converged(&mut pm);
+    assert_eq!(pm.backing_frame(a, gpa(0)), pm.backing_frame(b, gpa(0)));
+    assert!(pm.is_merged(a, gpa(0)));
+    assert!(!pm.is_merged(c, gpa(0)));
+    assert!(!pm.is_merged(d, gpa(0)));
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (1, 1, 2));
+}
+
+#[test]
+fn max_page_sharing_starts_new_frames_with_linux_counts() {
+    // 9 equal pages with a cap of 4: 4 + 4 merged, the ninth waits in the
+    // unstable index for a twin (KSM's stable_node chains behave so).
+    let mut pm = pm(128, DedupeConfig { max_page_sharing: 4, ..DedupeConfig::default() });
+    let (v, _) = vm(&mut pm, 9, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[3; 9]);
+    scan_until_converged(&mut pm);
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 6, 1));
+    pm.check_consistency().unwrap();
+    // A tenth equal page pairs with the ninth: a third frame.
+    pm.add_slot(v, gpa(100), PAGE, true).unwrap();
+    let mut g = SimGuest::new(v);
+    g.fill_page(&mut pm, gpa(100), 3).unwrap();
+    scan_until_converged(&mut pm);
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (3, 7, 0));
+    // A COW frees room in a full frame; the next equal page fills it.
+    g.write(&mut pm, gpa(0), &[1]).unwrap();
+    g.fill_page(&mut pm, gpa(0), 3).unwrap();
+    scan_until_converged(&mut pm);
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (3, 7, 0));
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn default_cap_is_256_sharers() {
+    let mut pm = pm(400, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 300, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[0xab; 300]);
+    scan_until_converged(&mut pm);
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 298, 0));
+    let f0 = pm.backing_frame(v, gpa(0)).unwrap();
+    assert_eq!((0..300).filter(|&p| pm.backing_frame(v, gpa(p)) == Some(f0)).count(), 256);
+}
+
+#[test]
+fn out_of_frames_during_cow_stops_only_that_write() {
+    let mut pm = pm(64, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 4, true, NotifierMode::ChangePte, None);
+    let mut g = fill(&mut pm, v, &[6, 6, 6, 6]);
+    scan_until_converged(&mut pm);
+    let shared = pm.backing_frame(v, gpa(0)).unwrap();
+    let mut hoard = alloc::vec::Vec::new();
+    while let Some(f) = pm.frames.alloc() {
+        hoard.push(f);
+    }
+    assert_eq!(g.write(&mut pm, gpa(1), &[0]), Err(Outcome::OutOfMemory));
+    assert_eq!(pm.handle_ept_violation(v, gpa(1), Access::Write), Outcome::OutOfMemory);
+    assert_eq!(pm.write_gpa(v, gpa(1), &[0]), Err(crate::page_manager::PmError::OutOfMemory));
+    // Nothing changed: still merged, still readable, counts intact.
+    assert_eq!(pm.backing_frame(v, gpa(1)), Some(shared));
+    assert_eq!(page_bytes(&pm, v, 1), [6; 4096]);
+    let mut b = [0u8; 1];
+    g.read(&mut pm, gpa(1), &mut b).unwrap();
+    assert_eq!(b, [6]);
+    pm.check_consistency().unwrap();
+    assert_eq!(pm.ksm_stats().pages_sharing, 3);
+    let (st, mmu) = pm.vm_stats(v).unwrap();
+    assert_eq!(st.out_of_memory, 2);
+    assert_eq!(mmu.invalidate_range_start, mmu.invalidate_range_end);
+    // With a frame back, the write goes through.
+    pm.frames.free(hoard.pop().unwrap()).unwrap();
+    g.write(&mut pm, gpa(1), &[0]).unwrap();
+    assert_eq!(page_bytes(&pm, v, 1)[0], 0);
+    assert_eq!(page_bytes(&pm, v, 2)[0], 6);
+}
+
+/// Fills 8 pages with two contents, merges, and returns the violations
+/// the guest takes reading all 8 again.
+fn rereads_after_merge(mode: NotifierMode) -> (u64, u64) {
+    let mut pm = pm(128, DedupeConfig::default());
+    let (v, flush) = vm(&mut pm, 8, true, mode, None);
+    let mut g = fill(&mut pm, v, &[1, 1, 1, 1, 2, 2, 2, 2]);
+    let mut b = [0u8; 8];
+    for p in 0..8 {
+        g.read(&mut pm, gpa(p), &mut b).unwrap(); // all mapped before the merge
+    }
+    scan_until_converged(&mut pm);
+    let merged = (0..8).filter(|&p| pm.is_merged(v, gpa(p))).count() as u64;
+    assert_eq!(merged, 8);
+    let before = g.violations;
+    for p in 0..8 {
+        g.read(&mut pm, gpa(p), &mut b).unwrap();
+        assert_eq!(b, [if p < 4 { 1 } else { 2 }; 8]);
+        g.read(&mut pm, gpa(p), &mut b).unwrap();
+    }
+    assert!(flush.count() > 0);
+    (g.violations - before, merged)
+}
+
+#[test]
+fn change_pte_gives_zero_violations_on_reread_linux_zap_one_per_merged_page() {
+    let (ours, merged) = rereads_after_merge(NotifierMode::ChangePte);
+    assert_eq!(ours, 0);
+    // Linux zaps at start; the kept frame of each new merged frame was
+    // only write-protected, every page that was replaced takes one fault.
+    let (linux, merged_l) = rereads_after_merge(NotifierMode::LinuxZap);
+    assert_eq!(merged_l, merged);
+    assert_eq!(linux, merged - 2, "one per replaced page (2 kept their frame)");
+}
+
+#[test]
+fn scan_converges_and_unconverges_when_memory_changes() {
+    let mut pm = pm(64, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 4, true, NotifierMode::ChangePte, None);
+    let mut g = fill(&mut pm, v, &[1, 2, 3, 4]);
+    assert!(!pm.scan_converged());
+    scan_until_converged(&mut pm);
+    assert!(pm.scan_converged());
+    assert_eq!(pm.ksm_stats().pages_unshared, 4);
+    g.write(&mut pm, gpa(0), &[9]).unwrap();
+    pm.scan(4);
+    assert!(!pm.scan_converged(), "the page changed");
+    assert_eq!(pm.ksm_stats().pages_volatile, 1);
+    scan_until_converged(&mut pm);
+    assert!(pm.ksm_stats().full_scans >= 4);
+}

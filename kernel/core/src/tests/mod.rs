@@ -35,12 +35,12 @@ pub fn gpa(page: u64) -> u64 {
     RAM + page * PAGE
 }
 
-/// Scans in small batches until a full pass converges (bounded); returns
+/// Scans one page at a time until a full pass converges (bounded); returns
 /// the passes it took.
 pub fn scan_until_converged(pm: &mut PageManager<Arena>) -> usize {
     let mut passes = 0;
     loop {
-        let r = pm.scan(16);
+        let r = pm.scan(1);
         passes += r.full_scans_completed;
         if r.full_scans_completed > 0 && pm.scan_converged() {
             return passes;
