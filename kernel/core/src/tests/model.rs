@@ -1,1 +1,215 @@
+//! Model-based test: random guest reads and writes (through the EPT, with
+//! the simulated guest taking EPT violations), hypervisor accesses, scans
+//! (merges), COW breaks and discards, over the real page manager, EPT and
+//! notifier on an arena, against a flat reference memory.
 
+use super::*;
+use crate::dedupe::SharingPolicy;
+use crate::page_manager::Outcome;
+use crate::sim::SimGuest;
+use crate::stage2::Perms;
+use alloc::vec;
+use alloc::vec::Vec;
+use proptest::prelude::*;
+
+const VMS: usize = 3;
+const PAGES: u64 = 10;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// The guest fills a page with one of a few contents (0 = zero page),
+    /// so that equal pages are common.
+    Fill { vm: usize, page: u64, byte: u8 },
+    /// The guest writes one byte.
+    Poke { vm: usize, page: u64, off: u16, byte: u8 },
+    /// The guest reads a page and checks it.
+    Read { vm: usize, page: u64 },
+    /// The hypervisor writes or reads guest memory.
+    HvPoke { vm: usize, page: u64, off: u16, byte: u8 },
+    HvRead { vm: usize, page: u64 },
+    Scan { batch: u8 },
+    Discard { vm: usize, page: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let vm = 0..VMS;
+    let page = 0..PAGES;
+    prop_oneof![
+        4 => (vm.clone(), page.clone(), 0u8..4).prop_map(|(vm, page, byte)| Op::Fill { vm, page, byte }),
+        2 => (vm.clone(), page.clone(), 0u16..4096, any::<u8>()).prop_map(|(vm, page, off, byte)| Op::Poke { vm, page, off, byte }),
+        3 => (vm.clone(), page.clone()).prop_map(|(vm, page)| Op::Read { vm, page }),
+        1 => (vm.clone(), page.clone(), 0u16..4096, any::<u8>()).prop_map(|(vm, page, off, byte)| Op::HvPoke { vm, page, off, byte }),
+        1 => (vm.clone(), page.clone()).prop_map(|(vm, page)| Op::HvRead { vm, page }),
+        4 => (1u8..40).prop_map(|batch| Op::Scan { batch }),
+        1 => (vm, page).prop_map(|(vm, page)| Op::Discard { vm, page }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Setup {
+    mode: NotifierMode,
+    policy: SharingPolicy,
+    max_page_sharing: u32,
+    use_zero_pages: bool,
+    frames: usize,
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    (
+        prop_oneof![Just(NotifierMode::ChangePte), Just(NotifierMode::LinuxZap)],
+        prop_oneof![Just(SharingPolicy::AllVms), Just(SharingPolicy::SameVm), Just(SharingPolicy::Groups)],
+        2u32..5,
+        any::<bool>(),
+        // Enough for everything, or tight enough to run out now and then.
+        prop_oneof![3 => Just(64usize), 1 => 30usize..44],
+    )
+        .prop_map(|(mode, policy, max_page_sharing, use_zero_pages, frames)| Setup {
+            mode,
+            policy,
+            max_page_sharing,
+            use_zero_pages,
+            frames,
+        })
+}
+
+/// Invariants that hold between any two operations.
+fn check(pm: &PageManager<Arena>, vms: &[VmId], last_seq: &mut [u64]) -> Result<(), TestCaseError> {
+    pm.check_consistency().map_err(TestCaseError::fail)?;
+    for (i, &v) in vms.iter().enumerate() {
+        let mmu = pm.mmu(v).unwrap();
+        let (_, st) = pm.vm_stats(v).unwrap();
+        prop_assert_eq!(mmu.invalidate_in_progress(), 0);
+        prop_assert_eq!(st.warnings, 0);
+        prop_assert_eq!(st.invalidate_range_start, st.invalidate_range_end);
+        // Every end bumped the sequence once, nothing else did.
+        let seq = mmu.invalidate_seq();
+        prop_assert_eq!(seq, st.invalidate_range_end);
+        prop_assert!(seq >= last_seq[i]);
+        last_seq[i] = seq;
+        // The EPT never holds a translation the page manager disagrees
+        // with, and never lets the guest write a merged frame.
+        for p in 0..PAGES {
+            if let Some(l) = mmu.lookup(pm.mem(), gpa(p) >> 12) {
+                prop_assert_eq!(Some(l.hpa), pm.backing_frame(v, gpa(p)), "stale EPT entry vm {} page {}", i, p);
+                if pm.is_merged(v, gpa(p)) {
+                    prop_assert!(!l.perms.contains(Perms::WRITE), "merged page writable");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(s: Setup, ops: Vec<Op>) -> Result<crate::stats::Stats, TestCaseError> {
+    let mut pm = pm(
+        s.frames,
+        DedupeConfig { policy: s.policy, max_page_sharing: s.max_page_sharing, use_zero_pages: s.use_zero_pages },
+    );
+    let total = pm.frames().free_frames();
+    let groups = [Some("g"), Some("g"), None];
+    let vms: Vec<VmId> = (0..VMS).map(|i| vm(&mut pm, PAGES, true, s.mode, groups[i]).0).collect();
+    let mut guests: Vec<SimGuest> = vms.iter().map(|&v| SimGuest::new(v)).collect();
+    let mut reference = vec![vec![[0u8; 4096]; PAGES as usize]; VMS];
+    let mut last_seq = [0u64; VMS];
+    let mut buf = [0u8; 4096];
+    for op in ops {
+        match op {
+            Op::Fill { vm, page, byte } => match guests[vm].fill_page(&mut pm, gpa(page), byte) {
+                Ok(()) => reference[vm][page as usize] = [byte; 4096],
+                Err(e) => prop_assert_eq!(e, Outcome::OutOfMemory),
+            },
+            Op::Poke { vm, page, off, byte } => match guests[vm].write(&mut pm, gpa(page) + off as u64, &[byte]) {
+                Ok(()) => reference[vm][page as usize][off as usize] = byte,
+                Err(e) => prop_assert_eq!(e, Outcome::OutOfMemory),
+            },
+            Op::Read { vm, page } => match guests[vm].read(&mut pm, gpa(page), &mut buf) {
+                Ok(()) => prop_assert!(buf == reference[vm][page as usize], "guest read vm {} page {}", vm, page),
+                Err(e) => prop_assert_eq!(e, Outcome::OutOfMemory),
+            },
+            Op::HvPoke { vm, page, off, byte } => match pm.write_gpa(vms[vm], gpa(page) + off as u64, &[byte]) {
+                Ok(()) => reference[vm][page as usize][off as usize] = byte,
+                Err(e) => prop_assert_eq!(e, crate::page_manager::PmError::OutOfMemory),
+            },
+            Op::HvRead { vm, page } => {
+                pm.read_gpa(vms[vm], gpa(page), &mut buf).unwrap();
+                prop_assert!(buf == reference[vm][page as usize], "hypervisor read vm {} page {}", vm, page);
+            }
+            Op::Scan { batch } => {
+                pm.scan(batch as usize);
+            }
+            Op::Discard { vm, page } => {
+                pm.discard(vms[vm], gpa(page), PAGE).unwrap();
+                reference[vm][page as usize] = [0; 4096];
+            }
+        }
+        check(&pm, &vms, &mut last_seq)?;
+    }
+    // Merge whatever can be merged, then everything reads back right.
+    for _ in 0..3 {
+        pm.scan(VMS * PAGES as usize);
+    }
+    check(&pm, &vms, &mut last_seq)?;
+    for (i, &v) in vms.iter().enumerate() {
+        for p in 0..PAGES {
+            pm.read_gpa(v, gpa(p), &mut buf).unwrap();
+            prop_assert!(buf == reference[i][p as usize], "final read vm {} page {}", i, p);
+        }
+    }
+    if s.policy == SharingPolicy::SameVm {
+        // No frame is shared between VMs.
+        for p in 0..PAGES {
+            for q in 0..PAGES {
+                let (a, b) = (pm.backing_frame(vms[0], gpa(p)), pm.backing_frame(vms[1], gpa(q)));
+                prop_assert!(a.is_none() || a != b);
+            }
+        }
+    }
+    let stats = pm.stats();
+    for v in vms {
+        pm.destroy_vm(v).unwrap();
+    }
+    prop_assert_eq!(pm.frames().free_frames(), total, "frames leaked");
+    Ok(stats)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn page_manager_matches_a_flat_memory(s in setup(), ops in proptest::collection::vec(op(), 1..120)) {
+        run(s, ops)?;
+    }
+}
+
+/// The same model with no limits on frames and long runs of the most
+/// merge-prone operations: equal pages get merged and broken many times.
+#[test]
+fn a_long_fixed_run_merges_and_breaks_a_lot() {
+    let mut ops = Vec::new();
+    let mut x = 12345u64;
+    for _ in 0..3000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let vm = (x % VMS as u64) as usize;
+        let page = (x >> 8) % PAGES;
+        ops.push(match (x >> 20) % 6 {
+            0 | 1 => Op::Fill { vm, page, byte: ((x >> 30) % 3) as u8 },
+            2 => Op::Read { vm, page },
+            3 => Op::Poke { vm, page, off: ((x >> 32) % 4096) as u16, byte: 1 },
+            _ => Op::Scan { batch: 13 },
+        });
+    }
+    let s = Setup {
+        mode: NotifierMode::ChangePte,
+        policy: SharingPolicy::AllVms,
+        max_page_sharing: 3,
+        use_zero_pages: true,
+        frames: 64,
+    };
+    let st = run(s, ops).unwrap();
+    assert!(st.ksm.merges > 200, "{st:?}");
+    assert!(st.vm.cow_breaks > 100, "{st:?}");
+    assert!(st.ksm.full_scans > 50, "{st:?}");
+    assert_eq!(st.mmu.warnings, 0);
+}
