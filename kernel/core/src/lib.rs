@@ -9,17 +9,21 @@
 extern crate alloc;
 
 pub mod bundle;
+pub mod cpuid;
 pub mod dedupe;
 pub mod ept;
 pub mod exit;
 pub mod frame;
+pub mod hypercall;
 pub mod mmu_notifier;
 pub mod options;
 pub mod page_manager;
 pub mod phys;
+pub mod serial_device;
 pub mod sim;
 pub mod stage2;
 pub mod stats;
+pub mod vmx;
 pub mod warn;
 
 #[cfg(test)]
