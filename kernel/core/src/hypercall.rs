@@ -1,0 +1,591 @@
+//! The hypercall ABI shared by the guest program and the hypervisor.
+//!
+//! # Calling convention
+//!
+//! The guest executes `VMCALL` (at CPL 0) with
+//!
+//! | register | meaning                  |
+//! |----------|--------------------------|
+//! | RAX      | hypercall number         |
+//! | RDI      | first argument           |
+//! | RSI      | second argument          |
+//! | RDX      | third argument           |
+//!
+//! The hypervisor writes the result to RAX, advances RIP past the 3-byte
+//! `VMCALL` and leaves every other register as it was. The result is
+//! [`ERROR`] (`u64::MAX`) for an unknown number or bad arguments (see
+//! [`decode`]); calls that have no result return 0. The guest wrapper
+//! [`vmcall`] still treats RDI, RSI and RDX as clobbered, so a hypervisor
+//! that uses them as scratch does no harm.
+//!
+//! # Numbers
+//!
+//! | nr | name            | arguments                                          | result                 |
+//! |----|-----------------|----------------------------------------------------|------------------------|
+//! | 1  | [`PRINT`]         | rdi = guest-physical address of UTF-8 bytes, rsi = length (at most [`PRINT_MAX`] = 256) | 0 |
+//! | 2  | [`YIELD`]         | none: give the CPU to the next VM                  | 0                      |
+//! | 3  | [`REPORT`]        | rdi = check id (< [`MAX_CHECK`]), rsi = 0 pass / nonzero fail, rdx = a detail value | 0 |
+//! | 4  | [`EXIT`]          | rdi = exit code (0 = success)                      | does not return        |
+//! | 5  | [`DEDUPE_STATUS`] | none                                               | 1 when the hypervisor's dedupe scan has converged, else 0 |
+//!
+//! The guest identity-maps its memory (see [`crate::guest_boot`]), so the
+//! pointer handed to `PRINT` is both virtual and guest-physical. Whether
+//! the range lies inside the VM's memory is checked by the hypervisor when
+//! it reads it (an out-of-range `PRINT` also returns [`ERROR`]); [`decode`]
+//! checks only what it can know without the VM: the length and that the
+//! range does not wrap.
+//!
+//! # Guest program argument
+//!
+//! The guest's entry point receives in RDI `scenario | (vm_index << 8)`
+//! (see [`scenario`] and [`guest_arg`]): bits 0..8 choose what the guest
+//! does, bits 8..16 are the VM's index (0, 1, ...), from which a guest
+//! derives per-VM data (the dedupe scenario's "unique" pages).
+
+use core::fmt;
+
+/// `PRINT(gpa, len)`: the hypervisor logs the UTF-8 bytes, prefixed with
+/// the VM's name.
+pub const PRINT: u64 = 1;
+/// `YIELD()`: give up the CPU to the next VM.
+pub const YIELD: u64 = 2;
+/// `REPORT(check, failed, detail)`: the result of one check.
+pub const REPORT: u64 = 3;
+/// `EXIT(code)`: the VM is done; 0 means success.
+pub const EXIT: u64 = 4;
+/// `DEDUPE_STATUS()`: 1 once the dedupe scan has converged, else 0.
+pub const DEDUPE_STATUS: u64 = 5;
+
+/// What a hypercall returns for an unknown number or bad arguments.
+pub const ERROR: u64 = u64::MAX;
+/// The longest `PRINT`, in bytes.
+pub const PRINT_MAX: u64 = 256;
+/// Check ids are small integers: `0..MAX_CHECK`.
+pub const MAX_CHECK: u64 = 1 << 16;
+
+/// A decoded hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hypercall {
+    /// Print `len` bytes at guest-physical `gpa`.
+    Print { gpa: u64, len: u64 },
+    Yield,
+    Report { check: u64, failed: bool, detail: u64 },
+    Exit { code: u64 },
+    DedupeStatus,
+}
+
+impl Hypercall {
+    /// The number that selects this call (RAX).
+    pub fn number(&self) -> u64 {
+        match self {
+            Hypercall::Print { .. } => PRINT,
+            Hypercall::Yield => YIELD,
+            Hypercall::Report { .. } => REPORT,
+            Hypercall::Exit { .. } => EXIT,
+            Hypercall::DedupeStatus => DEDUPE_STATUS,
+        }
+    }
+
+    /// The registers `(rax, rdi, rsi, rdx)` a guest sets for this call
+    /// (unused arguments are 0; `failed` becomes 1).
+    pub fn encode(&self) -> (u64, u64, u64, u64) {
+        let nr = self.number();
+        match *self {
+            Hypercall::Print { gpa, len } => (nr, gpa, len, 0),
+            Hypercall::Report { check, failed, detail } => (nr, check, failed as u64, detail),
+            Hypercall::Exit { code } => (nr, code, 0, 0),
+            Hypercall::Yield | Hypercall::DedupeStatus => (nr, 0, 0, 0),
+        }
+    }
+}
+
+/// Why a hypercall was refused; the guest sees [`ERROR`] in RAX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallError {
+    /// No hypercall has this number.
+    Unknown(u64),
+    /// A `PRINT` longer than [`PRINT_MAX`].
+    BadLength(u64),
+    /// A `PRINT` whose range wraps around the address space.
+    BadAddress(u64),
+    /// A `REPORT` check id not below [`MAX_CHECK`].
+    BadCheck(u64),
+}
+
+impl fmt::Display for HypercallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            HypercallError::Unknown(n) => write!(f, "unknown hypercall number {n:#x}"),
+            HypercallError::BadLength(len) => {
+                write!(f, "print length {len} exceeds the maximum of {PRINT_MAX} bytes")
+            }
+            HypercallError::BadAddress(gpa) => write!(f, "print buffer at {gpa:#x} wraps around"),
+            HypercallError::BadCheck(c) => write!(f, "check id {c} is not below {MAX_CHECK}"),
+        }
+    }
+}
+
+/// Decodes the guest's registers at a VMCALL exit.
+pub fn decode(rax: u64, rdi: u64, rsi: u64, rdx: u64) -> Result<Hypercall, HypercallError> {
+    match rax {
+        PRINT => {
+            if rsi > PRINT_MAX {
+                return Err(HypercallError::BadLength(rsi));
+            }
+            if rdi.checked_add(rsi).is_none() {
+                return Err(HypercallError::BadAddress(rdi));
+            }
+            Ok(Hypercall::Print { gpa: rdi, len: rsi })
+        }
+        YIELD => Ok(Hypercall::Yield),
+        REPORT => {
+            if rdi >= MAX_CHECK {
+                return Err(HypercallError::BadCheck(rdi));
+            }
+            Ok(Hypercall::Report { check: rdi, failed: rsi != 0, detail: rdx })
+        }
+        EXIT => Ok(Hypercall::Exit { code: rdi }),
+        DEDUPE_STATUS => Ok(Hypercall::DedupeStatus),
+        n => Err(HypercallError::Unknown(n)),
+    }
+}
+
+/// Guest side: executes `VMCALL` with RAX = `nr`, RDI = `a`, RSI = `b`,
+/// RDX = `c` and returns RAX.
+///
+/// # Safety
+///
+/// Only in a guest running under this hypervisor at CPL 0: elsewhere
+/// `VMCALL` raises #UD. `PRINT` makes the hypervisor read guest memory at
+/// `a`, which must hold `b` readable bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn vmcall(nr: u64, a: u64, b: u64, c: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: the caller's contract; VMCALL touches no guest memory itself.
+    unsafe {
+        core::arch::asm!(
+            "vmcall",
+            inlateout("rax") nr => ret,
+            inlateout("rdi") a => _,
+            inlateout("rsi") b => _,
+            inlateout("rdx") c => _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// The value of the guest's RDI at entry: the scenario in bits 0..8, the
+/// VM's index in bits 8..16.
+pub const fn guest_arg(scenario: u8, vm_index: u8) -> u64 {
+    scenario as u64 | (vm_index as u64) << 8
+}
+
+/// The scenario (bits 0..8) of a guest argument.
+pub const fn arg_scenario(arg: u64) -> u8 {
+    arg as u8
+}
+
+/// The VM index (bits 8..16) of a guest argument.
+pub const fn arg_vm_index(arg: u64) -> u8 {
+    (arg >> 8) as u8
+}
+
+/// What the guest program does, chosen by bits 0..8 of its RDI at entry.
+/// Check ids it REPORTs are given per scenario.
+pub mod scenario {
+    /// Serial "hello from the guest"; CPUID checks (REPORT 1: leaf 1 ECX
+    /// bit 5 VMX clear, 2: leaf 1 ECX bit 31 hypervisor set, 3: leaf
+    /// 0x4000_0000 vendor "HvDedupeRust"); a PRINT hypercall; three
+    /// YIELDs with "tick N" on serial between them; EXIT 0.
+    pub const HELLO: u8 = 0;
+    /// A serial line, then a read of guest-physical 0x3000_0000 (beyond
+    /// memory, mapped by the guest's page tables): the hypervisor must
+    /// stop the VM. If the read returns: REPORT 40 fail, EXIT 1.
+    pub const WILD_ACCESS: u8 = 1;
+    /// Installs a #UD handler, executes VMXON: the hypervisor injects #UD
+    /// and the handler REPORTs 10 pass and EXITs 0. If VMXON returns:
+    /// REPORT 10 fail, EXIT 1.
+    pub const VMXON: u8 = 2;
+    /// A VMCALL with number 0xdead must return ERROR: REPORT 20; EXIT 0.
+    pub const BAD_HYPERCALL: u8 = 3;
+    /// Loads a zero-limit IDT and executes `ud2`: a triple fault, and the
+    /// hypervisor must end the VM. If execution continues: REPORT 50
+    /// fail, EXIT 1.
+    pub const TRIPLE_FAULT: u8 = 4;
+    /// The end-to-end dedupe test, see [`super::dedupe_layout`]: REPORT 30
+    /// (contents intact after the scan converged), 31 (contents right
+    /// after writes to merged pages), 32 (the scan converged within
+    /// [`super::dedupe_layout::MAX_YIELDS`] yields); EXIT 0.
+    pub const DEDUPE: u8 = 5;
+
+    /// Every scenario, for loops over them.
+    pub const ALL: [u8; 6] = [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE];
+
+    /// A short name for logs.
+    pub fn name(s: u8) -> Option<&'static str> {
+        Some(match s {
+            HELLO => "hello",
+            WILD_ACCESS => "wild-access",
+            VMXON => "vmxon",
+            BAD_HYPERCALL => "bad-hypercall",
+            TRIPLE_FAULT => "triple-fault",
+            DEDUPE => "dedupe",
+            _ => return None,
+        })
+    }
+
+    /// The scenario with this name.
+    pub fn from_name(name: &str) -> Option<u8> {
+        ALL.into_iter().find(|&s| self::name(s) == Some(name))
+    }
+}
+
+/// Check ids the guest REPORTs.
+pub mod check {
+    /// HELLO: CPUID.1:ECX bit 5 (VMX) is clear.
+    pub const CPUID_VMX_HIDDEN: u64 = 1;
+    /// HELLO: CPUID.1:ECX bit 31 (hypervisor present) is set.
+    pub const CPUID_HYPERVISOR_BIT: u64 = 2;
+    /// HELLO: CPUID.0x4000_0000 vendor is "HvDedupeRust" (detail: EBX).
+    pub const CPUID_VENDOR: u64 = 3;
+    /// VMXON: the instruction raised #UD (detail: the faulting RIP).
+    pub const VMXON_UD: u64 = 10;
+    /// BAD_HYPERCALL: number 0xdead returned ERROR (detail: RAX).
+    pub const BAD_HYPERCALL: u64 = 20;
+    /// DEDUPE: every page reads back right after convergence (detail: the
+    /// number of wrong pages).
+    pub const DEDUPE_INTACT: u64 = 30;
+    /// DEDUPE: every page reads back right after the writes to merged
+    /// pages (detail: the number of wrong pages).
+    pub const DEDUPE_AFTER_WRITE: u64 = 31;
+    /// DEDUPE: DEDUPE_STATUS reached 1 (detail: yields it took).
+    pub const DEDUPE_CONVERGED: u64 = 32;
+    /// WILD_ACCESS: the wild read returned (always a fail).
+    pub const WILD_ACCESS_CONTINUED: u64 = 40;
+    /// TRIPLE_FAULT: execution went on after the fault (always a fail).
+    pub const TRIPLE_FAULT_CONTINUED: u64 = 50;
+}
+
+/// The vendor signature in CPUID leaf 0x4000_0000 (EBX, ECX, EDX).
+pub const CPUID_VENDOR: &[u8; 12] = b"HvDedupeRust";
+/// The hypervisor CPUID leaf.
+pub const CPUID_HV_LEAF: u32 = 0x4000_0000;
+/// The number the BAD_HYPERCALL scenario uses.
+pub const BAD_NUMBER: u64 = 0xdead;
+/// The guest-physical address the WILD_ACCESS scenario reads.
+pub const WILD_GPA: u64 = 0x3000_0000;
+
+/// The DEDUPE scenario's memory: a region of [`REGION_PAGES`] 4 KiB pages
+/// at [`REGION_START`] (4 MiB), filled by page class. The VM needs at
+/// least [`MIN_MEM_SIZE`] bytes of memory.
+///
+/// Per VM, by page index `i` in the region:
+///
+/// | pages      | class       | content                                   | distinct contents per VM |
+/// |------------|-------------|-------------------------------------------|--------------------------|
+/// | 0..64      | zero        | all zero                                  | 1                        |
+/// | 64..128    | intra-VM    | groups of 4 equal pages, salted by the VM | 16                       |
+/// | 128..192   | cross-VM    | depends only on `i`: equal in every VM    | 64                       |
+/// | 192..256   | unique      | depends on `i` and the VM                 | 64                       |
+///
+/// No two classes share a content, and nothing inside a class is equal
+/// beyond what the table says ([`page_word`] makes every word carry the
+/// class, the index and the salt). With N VMs all running DEDUPE and
+/// sharing allowed between all of them, a converged scan over the region
+/// alone (the guest's code, stack and page tables are also mergeable and
+/// come on top) leaves:
+///
+/// - zero pages: `N * ZERO_PAGES` guest pages on one zero frame;
+/// - intra-VM: `N * INTRA_GROUPS` shared frames, each mapped by
+///   `INTRA_GROUP` pages of one VM;
+/// - cross-VM: `CROSS_PAGES` shared frames, each mapped once per VM;
+/// - unique: `N * UNIQUE_PAGES` unshared pages.
+///
+/// [`expected_frames`] gives the number of host frames the region needs
+/// after convergence.
+///
+/// After convergence the guest checks every page (check 30), then writes
+/// one byte, `written_byte(salt)`, at `WRITE_OFFSET` of each page in
+/// [`WRITTEN_PAGES`] (the first 8 cross-VM pages, the first zero page and
+/// the first page of intra-VM group 0), which must break the sharing for
+/// that page only, and checks everything again (check 31).
+pub mod dedupe_layout {
+    pub const PAGE_SIZE: u64 = 4096;
+    /// Guest-physical start of the region (4 MiB).
+    pub const REGION_START: u64 = 0x40_0000;
+    pub const REGION_PAGES: u64 = 256;
+    pub const REGION_END: u64 = REGION_START + REGION_PAGES * PAGE_SIZE;
+    /// The least VM memory size the scenario works with.
+    pub const MIN_MEM_SIZE: u64 = REGION_END;
+
+    pub const ZERO_FIRST: u64 = 0;
+    pub const ZERO_PAGES: u64 = 64;
+    pub const INTRA_FIRST: u64 = 64;
+    pub const INTRA_PAGES: u64 = 64;
+    /// Equal pages per intra-VM group.
+    pub const INTRA_GROUP: u64 = 4;
+    pub const INTRA_GROUPS: u64 = INTRA_PAGES / INTRA_GROUP;
+    pub const CROSS_FIRST: u64 = 128;
+    pub const CROSS_PAGES: u64 = 64;
+    pub const UNIQUE_FIRST: u64 = 192;
+    pub const UNIQUE_PAGES: u64 = 64;
+
+    /// Page indexes (in the region) the guest writes after convergence.
+    pub const WRITTEN_PAGES: [u64; 10] = [
+        CROSS_FIRST,
+        CROSS_FIRST + 1,
+        CROSS_FIRST + 2,
+        CROSS_FIRST + 3,
+        CROSS_FIRST + 4,
+        CROSS_FIRST + 5,
+        CROSS_FIRST + 6,
+        CROSS_FIRST + 7,
+        ZERO_FIRST,
+        INTRA_FIRST,
+    ];
+
+    /// Yields the guest waits for DEDUPE_STATUS = 1 before it fails.
+    pub const MAX_YIELDS: u64 = 100_000;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Class {
+        Zero,
+        Intra,
+        Cross,
+        Unique,
+    }
+
+    /// The class of page `i` of the region (`i < REGION_PAGES`).
+    pub const fn class(i: u64) -> Class {
+        if i < INTRA_FIRST {
+            Class::Zero
+        } else if i < CROSS_FIRST {
+            Class::Intra
+        } else if i < UNIQUE_FIRST {
+            Class::Cross
+        } else {
+            Class::Unique
+        }
+    }
+
+    /// Guest-physical address of page `i` of the region.
+    pub const fn page_gpa(i: u64) -> u64 {
+        REGION_START + i * PAGE_SIZE
+    }
+
+    /// splitmix64's finaliser: a cheap, well-mixed, never-equal-for-
+    /// different-inputs (bijective) function.
+    const fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The 64-bit word `w` (0..512) of page `i` in the VM with `salt`
+    /// (its VM index), before any write.
+    ///
+    /// Non-zero pages carry their identity (class, group or page index,
+    /// salt where it applies) in word 0, so contents that should differ
+    /// always differ; the other words are a mix of that identity and `w`.
+    pub const fn page_word(i: u64, salt: u8, w: u64) -> u64 {
+        let id = match class(i) {
+            Class::Zero => return 0,
+            Class::Intra => (1 << 56) | ((salt as u64) << 32) | ((i - INTRA_FIRST) / INTRA_GROUP),
+            Class::Cross => (2 << 56) | i,
+            Class::Unique => (3 << 56) | ((salt as u64) << 32) | i,
+        };
+        if w == 0 {
+            id
+        } else {
+            mix(id ^ mix(w))
+        }
+    }
+
+    /// The offset in each page of [`WRITTEN_PAGES`] the guest writes.
+    /// Byte 1 of every written page is 0 before the write (word 0 holds
+    /// the page's identity, whose byte 1 is 0 for these pages).
+    pub const WRITE_OFFSET: u64 = 1;
+
+    /// The byte the guest writes at [`WRITE_OFFSET`]: never 0, and
+    /// different for VMs with indexes below 128.
+    pub const fn written_byte(salt: u8) -> u8 {
+        0x80 | salt
+    }
+
+    /// The expected byte at `offset` of page `i` after the writes.
+    pub const fn byte_after_write(i: u64, salt: u8, offset: u64) -> u8 {
+        if offset == WRITE_OFFSET {
+            let mut k = 0;
+            while k < WRITTEN_PAGES.len() {
+                if WRITTEN_PAGES[k] == i {
+                    return written_byte(salt);
+                }
+                k += 1;
+            }
+        }
+        (page_word(i, salt, offset / 8) >> ((offset % 8) * 8)) as u8
+    }
+
+    /// Host frames the region needs once the scan converged, for `vms`
+    /// VMs running DEDUPE with sharing between all of them (before the
+    /// writes): one zero frame, the intra-VM groups of each VM, the
+    /// cross-VM pages once, and every unique page.
+    pub const fn expected_frames(vms: u64) -> u64 {
+        1 + vms * INTRA_GROUPS + CROSS_PAGES + vms * UNIQUE_PAGES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec::Vec;
+
+    #[test]
+    fn numbers_are_fixed() {
+        assert_eq!((PRINT, YIELD, REPORT, EXIT, DEDUPE_STATUS), (1, 2, 3, 4, 5));
+        assert_eq!(ERROR, u64::MAX);
+    }
+
+    #[test]
+    fn decode_each_call() {
+        assert_eq!(decode(1, 0x20_0000, 5, 9), Ok(Hypercall::Print { gpa: 0x20_0000, len: 5 }));
+        assert_eq!(decode(2, 1, 2, 3), Ok(Hypercall::Yield));
+        assert_eq!(decode(3, 7, 0, 42), Ok(Hypercall::Report { check: 7, failed: false, detail: 42 }));
+        assert_eq!(decode(3, 7, 5, 0), Ok(Hypercall::Report { check: 7, failed: true, detail: 0 }));
+        assert_eq!(decode(4, 0, 0, 0), Ok(Hypercall::Exit { code: 0 }));
+        assert_eq!(decode(4, 3, 0, 0), Ok(Hypercall::Exit { code: 3 }));
+        assert_eq!(decode(5, 0, 0, 0), Ok(Hypercall::DedupeStatus));
+    }
+
+    #[test]
+    fn decode_errors() {
+        assert_eq!(decode(0, 0, 0, 0), Err(HypercallError::Unknown(0)));
+        assert_eq!(decode(6, 0, 0, 0), Err(HypercallError::Unknown(6)));
+        assert_eq!(decode(0xdead, 0, 0, 0), Err(HypercallError::Unknown(0xdead)));
+        assert_eq!(decode(u64::MAX, 0, 0, 0), Err(HypercallError::Unknown(u64::MAX)));
+        // High bits of RAX count: the whole register is the number.
+        assert_eq!(decode(1 | 1 << 32, 0, 1, 0), Err(HypercallError::Unknown(1 | 1 << 32)));
+        assert_eq!(decode(PRINT, 0x1000, 256, 0), Ok(Hypercall::Print { gpa: 0x1000, len: 256 }));
+        assert_eq!(decode(PRINT, 0x1000, 257, 0), Err(HypercallError::BadLength(257)));
+        assert_eq!(decode(PRINT, 0x1000, u64::MAX, 0), Err(HypercallError::BadLength(u64::MAX)));
+        assert_eq!(decode(PRINT, u64::MAX - 3, 8, 0), Err(HypercallError::BadAddress(u64::MAX - 3)));
+        assert_eq!(decode(REPORT, MAX_CHECK, 0, 0), Err(HypercallError::BadCheck(MAX_CHECK)));
+        assert!(decode(REPORT, MAX_CHECK - 1, 0, 0).is_ok());
+    }
+
+    #[test]
+    fn error_messages_name_the_problem() {
+        assert!(HypercallError::Unknown(0xdead).to_string().contains("0xdead"));
+        assert!(HypercallError::BadLength(300).to_string().contains("300"));
+        assert!(HypercallError::BadAddress(5).to_string().contains("wraps"));
+        assert!(HypercallError::BadCheck(70000).to_string().contains("70000"));
+    }
+
+    #[test]
+    fn encode_round_trips() {
+        let calls = [
+            Hypercall::Print { gpa: 0x20_1000, len: 12 },
+            Hypercall::Yield,
+            Hypercall::Report { check: 3, failed: true, detail: 99 },
+            Hypercall::Report { check: 30, failed: false, detail: 0 },
+            Hypercall::Exit { code: 2 },
+            Hypercall::DedupeStatus,
+        ];
+        for c in calls {
+            let (a, b, d, e) = c.encode();
+            assert_eq!(decode(a, b, d, e), Ok(c));
+        }
+    }
+
+    #[test]
+    fn guest_arg_encoding() {
+        let arg = guest_arg(scenario::DEDUPE, 1);
+        assert_eq!(arg, 0x105);
+        assert_eq!(arg_scenario(arg), scenario::DEDUPE);
+        assert_eq!(arg_vm_index(arg), 1);
+        assert_eq!(arg_scenario(guest_arg(scenario::HELLO, 0)), 0);
+    }
+
+    #[test]
+    fn scenario_numbers_and_names() {
+        use scenario::*;
+        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE), (0, 1, 2, 3, 4, 5));
+        for s in ALL {
+            assert_eq!(from_name(name(s).unwrap()), Some(s));
+        }
+        assert_eq!(name(6), None);
+        assert_eq!(from_name("nope"), None);
+    }
+
+    fn page(i: u64, salt: u8) -> Vec<u64> {
+        (0..512).map(|w| dedupe_layout::page_word(i, salt, w)).collect()
+    }
+
+    #[test]
+    fn dedupe_layout_counts() {
+        use dedupe_layout::*;
+        assert_eq!(ZERO_PAGES + INTRA_PAGES + CROSS_PAGES + UNIQUE_PAGES, REGION_PAGES);
+        assert_eq!(ZERO_FIRST + ZERO_PAGES, INTRA_FIRST);
+        assert_eq!(INTRA_FIRST + INTRA_PAGES, CROSS_FIRST);
+        assert_eq!(CROSS_FIRST + CROSS_PAGES, UNIQUE_FIRST);
+        assert_eq!(INTRA_GROUPS, 16);
+        assert_eq!(REGION_END, 0x50_0000);
+        assert_eq!(expected_frames(2), 1 + 32 + 64 + 128);
+    }
+
+    /// Counting distinct page contents over two VMs gives exactly the
+    /// numbers the layout documents.
+    #[test]
+    fn dedupe_layout_contents_match_the_documented_classes() {
+        use dedupe_layout::*;
+        use std::collections::HashMap;
+        let mut by_content: HashMap<Vec<u64>, Vec<(u8, u64)>> = HashMap::new();
+        for salt in [0u8, 1] {
+            for i in 0..REGION_PAGES {
+                by_content.entry(page(i, salt)).or_default().push((salt, i));
+            }
+        }
+        assert_eq!(by_content.len() as u64, expected_frames(2));
+        for (content, pages) in &by_content {
+            let (salt, i) = pages[0];
+            match class(i) {
+                Class::Zero => {
+                    assert!(content.iter().all(|&w| w == 0));
+                    assert_eq!(pages.len() as u64, 2 * ZERO_PAGES);
+                }
+                Class::Intra => {
+                    assert_eq!(pages.len() as u64, INTRA_GROUP);
+                    assert!(pages.iter().all(|&(s, j)| s == salt && class(j) == Class::Intra));
+                }
+                Class::Cross => {
+                    assert_eq!(pages, &[(0, i), (1, i)]);
+                }
+                Class::Unique => assert_eq!(pages.len(), 1),
+            }
+        }
+    }
+
+    #[test]
+    fn written_bytes_change_the_pages_and_differ_per_vm() {
+        use dedupe_layout::*;
+        for salt in 0..=255u8 {
+            for i in WRITTEN_PAGES {
+                let before = (page_word(i, salt, 0) >> 8) as u8;
+                assert_eq!(before, 0);
+                assert_ne!(byte_after_write(i, salt, WRITE_OFFSET), before, "page {i} salt {salt}");
+                assert_eq!(byte_after_write(i, salt, 0), page_word(i, salt, 0) as u8);
+                assert_eq!(byte_after_write(i, salt, 9), (page_word(i, salt, 1) >> 8) as u8);
+            }
+            let u = UNIQUE_FIRST;
+            assert_eq!(byte_after_write(u, salt, WRITE_OFFSET), (page_word(u, salt, 0) >> 8) as u8);
+        }
+        for a in 0..128u8 {
+            for b in 0..a {
+                assert_ne!(written_byte(a), written_byte(b));
+            }
+        }
+    }
+}
