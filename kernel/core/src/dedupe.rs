@@ -284,9 +284,11 @@ impl Ksm {
         self.full_scans += 1;
         self.last_pass = Some(self.pass);
         self.pass = PassStats::default();
-        self.visited_this_pass = 0;
-        // KSM rebuilds the unstable tree every pass; clear keeps capacity.
+        // KSM rebuilds the unstable tree every pass; clear keeps capacity,
+        // and room for a whole pass is made once, not grown page by page.
         self.unstable.clear();
+        self.unstable.reserve(self.visited_this_pass as usize);
+        self.visited_this_pass = 0;
     }
 }
 
