@@ -14,6 +14,7 @@ pub mod dedupe;
 pub mod ept;
 pub mod exit;
 pub mod frame;
+pub mod guest_boot;
 pub mod hypercall;
 pub mod mmu_notifier;
 pub mod options;
