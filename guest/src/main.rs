@@ -1,6 +1,146 @@
+//! The guest program the hypervisor runs.
+//!
+//! `hvcore::guest_boot` loads it at 2 MiB and enters [`_start`] in 64-bit
+//! mode with paging on (the first GiB identity-mapped), RSP at the top of
+//! the boot stack and RDI = `scenario | (vm_index << 8)` (see
+//! `hvcore::hypercall::guest_arg`). It talks over the serial port (COM1,
+//! transmit only) and reports results with hypercalls
+//! (`hvcore::hypercall`). The scenarios and the check ids they REPORT are
+//! listed in `hvcore::hypercall::scenario` and `hvcore::hypercall::check`.
 #![no_std]
 #![no_main]
+#![feature(abi_x86_interrupt)]
+
+mod dedupe;
+mod hv;
+mod idt;
+#[macro_use]
+mod serial;
+
+use core::arch::{asm, global_asm};
+use core::panic::PanicInfo;
+use hvcore::hypercall::{self as hc, check, scenario};
+
+// The entry: align the stack as a call would leave it, then call
+// `guest_main(rdi)`, which never returns.
+global_asm!(
+    ".section .text._start, \"ax\"",
+    ".global _start",
+    "_start:",
+    "    and rsp, -16",
+    "    xor ebp, ebp",
+    "    call {main}",
+    "2:  cli",
+    "    hlt",
+    "    jmp 2b",
+    main = sym guest_main,
+);
+
+extern "sysv64" fn guest_main(arg: u64) -> ! {
+    let s = hc::arg_scenario(arg);
+    let vm = hc::arg_vm_index(arg);
+    println!("guest: scenario {} ({}), vm {vm}", s, scenario::name(s).unwrap_or("unknown"));
+    idt::install();
+    match s {
+        scenario::HELLO => hello(),
+        scenario::WILD_ACCESS => wild_access(),
+        scenario::VMXON => vmxon(),
+        scenario::BAD_HYPERCALL => bad_hypercall(),
+        scenario::TRIPLE_FAULT => triple_fault(),
+        scenario::DEDUPE => dedupe::run(vm),
+        _ => {
+            println!("guest: unknown scenario {s}");
+            hv::exit(1)
+        }
+    }
+}
+
+fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+fn hello() -> ! {
+    println!("hello from the guest");
+    let (_, _, ecx, _) = cpuid(1);
+    let mut ok = hv::report(check::CPUID_VMX_HIDDEN, ecx & (1 << 5) == 0, ecx as u64);
+    ok &= hv::report(check::CPUID_HYPERVISOR_BIT, ecx & (1 << 31) != 0, ecx as u64);
+    let (_, ebx, ecx, edx) = cpuid(hc::CPUID_HV_LEAF);
+    let mut vendor = [0u8; 12];
+    vendor[0..4].copy_from_slice(&ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&ecx.to_le_bytes());
+    vendor[8..12].copy_from_slice(&edx.to_le_bytes());
+    ok &= hv::report(check::CPUID_VENDOR, &vendor == hc::CPUID_VENDOR, ebx as u64);
+    hv::print("hello from the guest, via the PRINT hypercall");
+    for n in 1..=3 {
+        println!("tick {n}");
+        hv::yield_now();
+    }
+    hv::exit(!ok as u64)
+}
+
+fn wild_access() -> ! {
+    println!("reading {:#x}, beyond this VM's memory: the hypervisor must stop me", hc::WILD_GPA);
+    // SAFETY: deliberately wild; the page tables map it, the EPT does not.
+    let v = unsafe { core::ptr::read_volatile(hc::WILD_GPA as *const u64) };
+    hv::report(check::WILD_ACCESS_CONTINUED, false, v);
+    hv::exit(1)
+}
+
+extern "x86-interrupt" fn vmxon_ud(frame: idt::Frame) {
+    hv::report(check::VMXON_UD, true, frame.rip);
+    hv::exit(0)
+}
+
+/// A VMXON region for the operand (its content does not matter: the
+/// instruction must fault before it is read).
+#[repr(C, align(4096))]
+struct VmxonRegion([u8; 4096]);
+static VMXON_REGION: VmxonRegion = VmxonRegion([0; 4096]);
+
+fn vmxon() -> ! {
+    idt::set_invalid_opcode(vmxon_ud);
+    println!("executing VMXON: the hypervisor must inject #UD");
+    // The operand is a u64 in memory holding the region's address.
+    let operand: u64 = &VMXON_REGION as *const _ as u64;
+    // SAFETY: must raise #UD in a guest; the handler EXITs.
+    unsafe { asm!("vmxon qword ptr [{}]", in(reg) &operand, options(nostack)) };
+    hv::report(check::VMXON_UD, false, 0);
+    hv::exit(1)
+}
+
+fn bad_hypercall() -> ! {
+    let r = hv::raw(hc::BAD_NUMBER, 1, 2, 3);
+    let ok = hv::report(check::BAD_HYPERCALL, r == hc::ERROR, r);
+    hv::exit(!ok as u64)
+}
+
+fn triple_fault() -> ! {
+    println!("loading an empty IDT and executing ud2: a triple fault");
+    idt::load_empty();
+    // SAFETY: deliberately faults; there is no way back.
+    unsafe { asm!("ud2", options(nomem, nostack)) };
+    hv::report(check::TRIPLE_FAULT_CONTINUED, false, 0);
+    hv::exit(1)
+}
+
+/// hvcore links `alloc`; the guest never allocates, so every allocation
+/// fails (and would end in the panic handler).
+struct NoAlloc;
+
+// SAFETY: returning null is always a valid "allocation failed".
+unsafe impl core::alloc::GlobalAlloc for NoAlloc {
+    unsafe fn alloc(&self, _: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+    unsafe fn dealloc(&self, _: *mut u8, _: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static ALLOCATOR: NoAlloc = NoAlloc;
+
 #[panic_handler]
-fn p(_: &core::panic::PanicInfo) -> ! { loop {} }
-#[no_mangle]
-pub extern "C" fn _start() -> ! { loop {} }
+fn panic(info: &PanicInfo) -> ! {
+    println!("guest panic: {info}");
+    hv::exit(2)
+}
