@@ -10,7 +10,7 @@
 //!
 //! | range                 | what                                                     |
 //! |-----------------------|----------------------------------------------------------|
-//! | `0x0000..0x1000`      | unused (left unmapped by nothing: page tables map it)    |
+//! | `0x0000..0x1000`      | unused (but mapped, like all of the first GiB)           |
 //! | `0x1000..0x1028`      | GDT: null, code 0x08, data 0x10, 64-bit TSS 0x18 (16 B)  |
 //! | `0x1800..0x1868`      | TSS (104 bytes, no I/O bitmap)                           |
 //! | `0x2000`              | PML4: entry 0 -> PDPT                                    |

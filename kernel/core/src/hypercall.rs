@@ -277,41 +277,42 @@ pub const BAD_NUMBER: u64 = 0xdead;
 /// The guest-physical address the WILD_ACCESS scenario reads.
 pub const WILD_GPA: u64 = 0x3000_0000;
 
-/// The DEDUPE scenario's memory: a region of [`REGION_PAGES`] 4 KiB pages
-/// at [`REGION_START`] (4 MiB), filled by page class. The VM needs at
-/// least [`MIN_MEM_SIZE`] bytes of memory.
-///
-/// Per VM, by page index `i` in the region:
-///
-/// | pages      | class       | content                                   | distinct contents per VM |
-/// |------------|-------------|-------------------------------------------|--------------------------|
-/// | 0..64      | zero        | all zero                                  | 1                        |
-/// | 64..128    | intra-VM    | groups of 4 equal pages, salted by the VM | 16                       |
-/// | 128..192   | cross-VM    | depends only on `i`: equal in every VM    | 64                       |
-/// | 192..256   | unique      | depends on `i` and the VM                 | 64                       |
-///
-/// No two classes share a content, and nothing inside a class is equal
-/// beyond what the table says ([`page_word`] makes every word carry the
-/// class, the index and the salt). With N VMs all running DEDUPE and
-/// sharing allowed between all of them, a converged scan over the region
-/// alone (the guest's code, stack and page tables are also mergeable and
-/// come on top) leaves:
-///
-/// - zero pages: `N * ZERO_PAGES` guest pages on one zero frame;
-/// - intra-VM: `N * INTRA_GROUPS` shared frames, each mapped by
-///   `INTRA_GROUP` pages of one VM;
-/// - cross-VM: `CROSS_PAGES` shared frames, each mapped once per VM;
-/// - unique: `N * UNIQUE_PAGES` unshared pages.
-///
-/// [`expected_frames`] gives the number of host frames the region needs
-/// after convergence.
-///
-/// After convergence the guest checks every page (check 30), then writes
-/// one byte, `written_byte(salt)`, at `WRITE_OFFSET` of each page in
-/// [`WRITTEN_PAGES`] (the first 8 cross-VM pages, the first zero page and
-/// the first page of intra-VM group 0), which must break the sharing for
-/// that page only, and checks everything again (check 31).
 pub mod dedupe_layout {
+    //! The DEDUPE scenario's memory: a region of [`REGION_PAGES`] 4 KiB pages
+    //! at [`REGION_START`] (4 MiB), filled by page class. The VM needs at
+    //! least [`MIN_MEM_SIZE`] bytes of memory.
+    //!
+    //! Per VM, by page index `i` in the region:
+    //!
+    //! | pages      | class       | content                                   | distinct contents per VM |
+    //! |------------|-------------|-------------------------------------------|--------------------------|
+    //! | 0..64      | zero        | all zero                                  | 1                        |
+    //! | 64..128    | intra-VM    | groups of 4 equal pages, salted by the VM | 16                       |
+    //! | 128..192   | cross-VM    | depends only on `i`: equal in every VM    | 64                       |
+    //! | 192..256   | unique      | depends on `i` and the VM                 | 64                       |
+    //!
+    //! No two classes share a content, and nothing inside a class is equal
+    //! beyond what the table says ([`page_word`] makes every word carry the
+    //! class, the index and the salt). With N VMs all running DEDUPE and
+    //! sharing allowed between all of them, a converged scan over the region
+    //! alone (the guest's code, stack and page tables are also mergeable and
+    //! come on top) leaves:
+    //!
+    //! - zero pages: `N * ZERO_PAGES` guest pages on one zero frame;
+    //! - intra-VM: `N * INTRA_GROUPS` shared frames, each mapped by
+    //!   `INTRA_GROUP` pages of one VM;
+    //! - cross-VM: `CROSS_PAGES` shared frames, each mapped once per VM;
+    //! - unique: `N * UNIQUE_PAGES` unshared pages.
+    //!
+    //! [`expected_frames`] gives the number of host frames the region needs
+    //! after convergence.
+    //!
+    //! After convergence the guest checks every page (check 30), then writes
+    //! one byte, `written_byte(salt)`, at `WRITE_OFFSET` of each page in
+    //! [`WRITTEN_PAGES`] (the first 8 cross-VM pages, the first zero page and
+    //! the first page of intra-VM group 0), which must break the sharing for
+    //! that page only, and checks everything again (check 31).
+
     pub const PAGE_SIZE: u64 = 4096;
     /// Guest-physical start of the region (4 MiB).
     pub const REGION_START: u64 = 0x40_0000;
