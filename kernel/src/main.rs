@@ -7,19 +7,24 @@
 
 extern crate alloc;
 
+mod exits;
 mod gdt;
+mod hypervisor;
 mod interrupts;
 mod logger;
 mod memory;
 mod power;
 mod serial;
 mod summary;
+mod vm;
+mod vmx;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use bootloader_api::{entry_point, BootInfo};
 use core::panic::PanicInfo;
 use hvcore::bundle::Bundle;
 use hvcore::exit::ExitCode;
+use hvcore::hypercall::scenario;
 use hvcore::options::Options;
 
 pub static BOOTLOADER_CONFIG: BootloaderConfig = {
@@ -45,7 +50,7 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
         fail("the bootloader did not map physical memory")
     };
-    let mem = memory::init(&boot_info.memory_regions, phys_offset).unwrap_or_else(|e| fail(e));
+    let (mem, frames) = memory::init(&boot_info.memory_regions, phys_offset).unwrap_or_else(|e| fail(e));
 
     let ramdisk = ramdisk(boot_info);
     let bundle = Bundle::parse(ramdisk).unwrap_or_else(|e| fail(format_args!("boot bundle: {e}")));
@@ -74,7 +79,47 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         }
     }
 
-    power::exit(ExitCode::Success)
+    power::exit(run_guests(&bundle, &options, frames))
+}
+
+/// Turns VMX on, creates the VMs the options ask for and runs them.
+fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAllocator) -> ExitCode {
+    mask_legacy_pic();
+    let vmx = match vmx::enable() {
+        Ok(vmx) => vmx,
+        Err(e) => {
+            log::error!("cannot run guests: {e}");
+            return ExitCode::NoVmx;
+        }
+    };
+    let Some(elf) = bundle.file("guest/guest.elf") else {
+        log::error!("the boot bundle has no guest/guest.elf");
+        return ExitCode::Failure;
+    };
+    let mut hv = hypervisor::Hypervisor::new(&vmx, hypervisor::page_manager(frames));
+    let default = [scenario::HELLO, scenario::HELLO];
+    let wanted = options.vms.as_deref().unwrap_or(&default);
+    let mut refused = 0;
+    for &scn in wanted {
+        if let Err(e) = hv.create_vm(elf, scn) {
+            log::error!("{e}");
+            refused += 1;
+        }
+    }
+    hv.run();
+    if hv.report() && refused == 0 { ExitCode::Success } else { ExitCode::Failure }
+}
+
+/// The kernel takes no interrupts (guests are switched on the VMX
+/// preemption timer); masking the 8259s keeps the firmware's timer from
+/// exiting every guest over and over.
+fn mask_legacy_pic() {
+    use x86_64::instructions::port::Port;
+    // SAFETY: the 8259 data ports; masking all lines has no other effect.
+    unsafe {
+        Port::<u8>::new(0x21).write(0xff);
+        Port::<u8>::new(0xa1).write(0xff);
+    }
 }
 
 fn ramdisk(boot_info: &BootInfo) -> &'static [u8] {

@@ -7,7 +7,7 @@ use core::ops::Range;
 use hvcore::frame::FrameAllocator;
 use hvcore::phys::{OffsetPhysMem, PAGE_SIZE};
 use linked_list_allocator::LockedHeap;
-use spin::{Mutex, Once};
+use spin::Once;
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -19,7 +19,6 @@ const HEAP_SIZE: u64 = 16 << 20;
 const LOW_MEMORY_END: u64 = 1 << 20;
 
 static PHYS: Once<OffsetPhysMem> = Once::new();
-pub static FRAMES: Once<Mutex<FrameAllocator>> = Once::new();
 
 #[derive(Clone, Copy, Debug)]
 pub struct MemoryInfo {
@@ -41,9 +40,9 @@ fn usable(regions: &MemoryRegions) -> impl Iterator<Item = Range<u64>> + Clone +
         .filter(|r| r.start < r.end)
 }
 
-/// Sets up the heap in the first usable region large enough, and a frame
-/// allocator over all other usable memory.
-pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<MemoryInfo, &'static str> {
+/// Sets up the heap in the first usable region large enough, and returns a
+/// frame allocator over all other usable memory.
+pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<(MemoryInfo, FrameAllocator), &'static str> {
     PHYS.call_once(|| OffsetPhysMem { offset: phys_offset });
     let page = PAGE_SIZE as u64;
     let heap = usable(regions)
@@ -63,8 +62,7 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<MemoryInfo, &'s
         heap_bytes: HEAP_SIZE,
         frames: frames.total_frames(),
     };
-    FRAMES.call_once(|| Mutex::new(frames));
-    Ok(info)
+    Ok((info, frames))
 }
 
 /// `r` without `hole`: up to two ranges.
@@ -72,4 +70,28 @@ fn cut(r: Range<u64>, hole: Range<u64>) -> impl Iterator<Item = Range<u64>> + Cl
     let before = r.start..r.end.min(hole.start);
     let after = r.start.max(hole.end)..r.end;
     [before, after].into_iter().filter(|x| x.start < x.end)
+}
+
+/// A zeroed, page-aligned page on the heap, with its physical address:
+/// for VMX regions and bitmaps. The heap lies inside the offset mapping,
+/// so its physical address is its virtual one minus the offset.
+#[repr(C, align(4096))]
+pub struct Page(pub [u8; PAGE_SIZE]);
+
+impl Page {
+    pub fn zeroed() -> alloc::boxed::Box<Page> {
+        alloc::boxed::Box::new(Page([0; PAGE_SIZE]))
+    }
+
+    /// A VMXON or VMCS region: the revision identifier in its first word
+    /// (SDM Vol. 3C 25.2).
+    pub fn with_revision(revision: u32) -> alloc::boxed::Box<Page> {
+        let mut p = Page::zeroed();
+        p.0[..4].copy_from_slice(&revision.to_le_bytes());
+        p
+    }
+
+    pub fn phys(&self) -> u64 {
+        self as *const Page as u64 - phys().offset
+    }
 }

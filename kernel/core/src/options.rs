@@ -4,6 +4,7 @@
 //! silently ignored.
 
 use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -18,11 +19,14 @@ pub struct Options {
     /// `hang-test=1`: spin forever after the boot summary (proves the
     /// runner's timeout kills and reports a hung kernel).
     pub hang_test: bool,
+    /// `vms=hello,hello,wild-access`: one VM per name, each running the
+    /// guest program in that scenario (`hvcore::hypercall::scenario`).
+    pub vms: Option<Vec<u8>>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false, hang_test: false }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false, vms: None }
     }
 }
 
@@ -55,6 +59,10 @@ impl Options {
                 "fault-test" => o.fault_test = flag(value).ok_or_else(bad)?,
                 "warn-test" => o.warn_test = flag(value).ok_or_else(bad)?,
                 "hang-test" => o.hang_test = flag(value).ok_or_else(bad)?,
+                "vms" => {
+                    let names = value.split(',').map(|n| crate::hypercall::scenario::from_name(n).ok_or_else(bad));
+                    o.vms = Some(names.collect::<Result<Vec<u8>, _>>()?);
+                }
                 _ => return Err(OptionError::UnknownKey(key.to_string())),
             }
         }
@@ -82,6 +90,9 @@ mod tests {
         assert!(!o.warn_test);
         assert!(o.hang_test);
         assert_eq!(Options::parse("").unwrap(), Options::default());
+        let o = Options::parse("vms=hello,wild-access,hello").unwrap();
+        use crate::hypercall::scenario::{HELLO, WILD_ACCESS};
+        assert_eq!(o.vms, Some(vec![HELLO, WILD_ACCESS, HELLO]));
     }
 
     #[test]
@@ -90,6 +101,10 @@ mod tests {
         assert_eq!(
             Options::parse("log=loud"),
             Err(OptionError::BadValue { key: "log".into(), value: "loud".into() })
+        );
+        assert_eq!(
+            Options::parse("vms=hello,nosuch"),
+            Err(OptionError::BadValue { key: "vms".into(), value: "hello,nosuch".into() })
         );
         assert_eq!(Options::parse("fault-test"), Err(OptionError::NotKeyValue("fault-test".into())));
         assert_eq!(

@@ -1,0 +1,223 @@
+//! The hypervisor proper: creates the VMs, runs them round-robin on this
+//! CPU (switching on the VMX-preemption timer and on yields), runs the
+//! dedupe scanner between time slices, and reports how every VM ended.
+
+use crate::exits::{self, Next};
+use crate::memory::Page;
+use crate::vm::{Cause, End, Vm};
+use crate::vmx::instructions::{self, invvpid_single};
+use crate::vmx::vmcs::{self, Vmcs};
+use crate::vmx::Vmx;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use hvcore::frame::FrameAllocator;
+use hvcore::hypercall::{guest_arg, scenario};
+use hvcore::mmu_notifier::TlbFlush;
+use hvcore::page_manager::{PageManager, VmConfig};
+use hvcore::phys::OffsetPhysMem;
+use hvcore::vmx::exit::{exit_reason_name, reason};
+use hvcore::vmx::VmxCaps;
+use x86::vmx::vmcs::{guest, ro};
+
+/// Guest memory per VM: one mergeable slot from guest-physical 0.
+pub const GUEST_MEMORY: u64 = 8 << 20;
+/// Dedupe pages looked at between two time slices.
+const SCAN_BATCH: usize = 64;
+/// A VM that has had this many slices without ending is stopped.
+const MAX_SLICES: u64 = 200_000;
+
+/// What the exit handlers may use besides their VM.
+pub struct Host {
+    pub caps: VmxCaps,
+    pub pm: PageManager<OffsetPhysMem>,
+}
+
+/// INVEPT single-context for one VM's EPTP, known once its tables exist.
+struct InveptFlush(Arc<AtomicU64>);
+
+impl TlbFlush for InveptFlush {
+    fn flush_guest_tlb(&mut self) {
+        match self.0.load(Ordering::Relaxed) {
+            0 => instructions::invept_all(),
+            eptp => instructions::invept_single(eptp),
+        }
+    }
+}
+
+pub struct Hypervisor {
+    host: Host,
+    vms: Vec<Vm>,
+    msr_bitmap: Box<Page>,
+    slices: u64,
+}
+
+impl Hypervisor {
+    pub fn new(vmx: &Vmx, pm: PageManager<OffsetPhysMem>) -> Hypervisor {
+        let mut msr_bitmap = Page::zeroed();
+        msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
+        Hypervisor { host: Host { caps: vmx.caps, pm }, vms: Vec::new(), msr_bitmap, slices: 0 }
+    }
+
+    /// Creates a VM running `guest_elf` in scenario `scenario`. A guest that
+    /// cannot be set up is refused with the reason; nothing else changes.
+    pub fn create_vm(&mut self, guest_elf: &[u8], scn: u8) -> Result<(), String> {
+        let index = self.vms.len();
+        let name = format!("vm{index}");
+        let eptp_cell = Arc::new(AtomicU64::new(0));
+        let pm = &mut self.host.pm;
+        let id = pm
+            .create_vm(VmConfig::default(), Box::new(InveptFlush(eptp_cell.clone())))
+            .map_err(|e| format!("{name}: cannot create: {e:?}"))?;
+        pm.add_slot(id, 0, GUEST_MEMORY, true).map_err(|e| format!("{name}: memory slot: {e:?}"))?;
+        let arg = guest_arg(scn, index as u8);
+        let boot = hvcore::guest_boot::load(guest_elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
+            pm.write_gpa(id, gpa, bytes).map_err(|_| ())
+        })
+        .map_err(|e| format!("{name}: guest image refused: {e}"))?;
+        let eptp = pm.mmu(id).map_err(|e| format!("{name}: {e:?}"))?.eptp(false);
+        eptp_cell.store(eptp, Ordering::Relaxed);
+
+        let vmcs = Vmcs::new(self.host.caps.revision_id());
+        vmcs.load();
+        // VPID 0 is the host's; each VM gets its own and starts with no
+        // stale translations under it.
+        let vpid = self.host.caps.has_vpid().then_some(index as u16 + 1);
+        if let Some(v) = vpid {
+            invvpid_single(v);
+        }
+        let setup = vmcs::Setup {
+            caps: &self.host.caps,
+            boot: &boot,
+            eptp,
+            vpid,
+            msr_bitmap: self.msr_bitmap.phys(),
+        };
+        vmcs::setup(&setup).map_err(|e| format!("{name}: VMCS: {e}"))?;
+        let mut vm = Vm::new(name, scn, id, vmcs);
+        vm.regs.rdi = boot.rdi;
+        log::info!(
+            "{}: created: scenario {}, {} MiB, entry {:#x}, EPTP {:#x}, VPID {}",
+            vm.name, scenario::name(scn).unwrap_or("?"), GUEST_MEMORY >> 20, boot.rip, eptp,
+            vpid.map_or("off".into(), |v| format!("{v}"))
+        );
+        self.vms.push(vm);
+        Ok(())
+    }
+
+    /// Runs every VM until all have ended.
+    pub fn run(&mut self) {
+        let mut next = 0;
+        while let Some(i) = (0..self.vms.len()).map(|k| (next + k) % self.vms.len()).find(|&i| self.vms[i].end.is_none()) {
+            self.slice(i);
+            self.host.pm.scan(SCAN_BATCH);
+            next = i + 1;
+        }
+    }
+
+    /// One time slice of VM `i`: enter, handle exits, until it yields, its
+    /// timer expires or it ends.
+    fn slice(&mut self, i: usize) {
+        self.slices += 1;
+        let vm = &mut self.vms[i];
+        vm.vmcs.load();
+        let _ = vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, vmcs::SLICE);
+        loop {
+            // SAFETY: the VM's VMCS is current and fully set up.
+            if unsafe { instructions::run(&mut vm.regs, vm.launched) }.is_err() {
+                let err = vmcs::read(ro::VM_INSTRUCTION_ERROR) as u32;
+                let what = hvcore::vmx::instruction_error_meaning(err);
+                vm.stop(Cause::EntryFailed(format!("VM-instruction error {err}: {what}")));
+                return;
+            }
+            vm.launched = true;
+            match exits::handle(vm, &mut self.host) {
+                Next::Resume => continue,
+                Next::Yield => break,
+                Next::Ended => return,
+            }
+        }
+        let slices = vm.exits[reason::PREEMPTION_TIMER as usize] + vm.exits[reason::VMCALL as usize];
+        if slices > MAX_SLICES {
+            vm.stop(Cause::Unhandled(format!("still running after {MAX_SLICES} time slices")));
+        }
+    }
+
+    /// Logs how each VM ended, the exit counters and the memory statistics;
+    /// true when every VM ended the way its scenario expects.
+    pub fn report(&mut self) -> bool {
+        log::info!("== run report ==");
+        let mut all_ok = true;
+        for vm in &mut self.vms {
+            if let Some(line) = vm.serial.take_partial() {
+                log::info!("[{}] {}", vm.name, line);
+            }
+            let how = match &vm.end {
+                Some(End::Exited(code)) => format!("exited with code {code}"),
+                Some(End::Stopped(cause)) => format!("stopped: {cause}"),
+                None => "still running".into(),
+            };
+            let verdict = verdict(vm);
+            all_ok &= verdict.is_ok();
+            log::info!(
+                "{} ({}): {}; {} checks passed, {} failed; {} exits; {}",
+                vm.name,
+                scenario::name(vm.scenario).unwrap_or("?"),
+                how,
+                vm.checks.iter().filter(|c| !c.failed).count(),
+                vm.checks.iter().filter(|c| c.failed).count(),
+                vm.total_exits(),
+                match &verdict {
+                    Ok(()) => "as expected".into(),
+                    Err(why) => format!("NOT as expected: {why}"),
+                }
+            );
+            let counts: Vec<String> = (0..reason::COUNT)
+                .filter(|&r| vm.exits[r] > 0)
+                .map(|r| format!("{}={}", exit_reason_name(r as u16), vm.exits[r]))
+                .collect();
+            log::info!(
+                "{} exits: {}; unknown ports {}, refused hypercalls {}",
+                vm.name, counts.join(", "), vm.unknown_ports, vm.refused_hypercalls
+            );
+        }
+        let s = self.host.pm.ksm_stats();
+        let t = self.host.pm.stats();
+        log::info!(
+            "dedupe: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} full_scans={} zero_pages={}",
+            s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.full_scans, s.zero_pages
+        );
+        log::info!(
+            "memory: ept_violations={} (not_present={} write_shared={} outside={} retries={}) cow_breaks={} pages_allocated={}",
+            t.vm.ept_violations, t.vm.not_present, t.vm.write_shared, t.vm.outside, t.vm.retries, t.vm.cow_breaks,
+            t.vm.pages_allocated
+        );
+        log::info!("notifier: {:?}", t.mmu);
+        log::info!("warnings: {} WARN hits", hvcore::warn::total_hits());
+        log::info!("{} VMs in {} time slices; {}", self.vms.len(), self.slices,
+            if all_ok { "all ended as expected" } else { "some did NOT end as expected" });
+        all_ok
+    }
+}
+
+/// Whether `vm` ended the way its scenario should.
+fn verdict(vm: &Vm) -> Result<(), String> {
+    let failed = vm.checks.iter().filter(|c| c.failed).count();
+    match (vm.scenario, &vm.end) {
+        (scenario::WILD_ACCESS, Some(End::Stopped(Cause::WildAccess(_)))) => Ok(()),
+        (scenario::TRIPLE_FAULT, Some(End::Stopped(Cause::TripleFault))) => Ok(()),
+        (scenario::WILD_ACCESS | scenario::TRIPLE_FAULT, _) => Err("expected the hypervisor to stop it".into()),
+        (_, Some(End::Exited(0))) if failed == 0 && !vm.checks.is_empty() => Ok(()),
+        (_, Some(End::Exited(0))) if failed > 0 => Err(format!("{failed} checks failed")),
+        (_, Some(End::Exited(0))) => Err("it reported no checks".into()),
+        (_, end) => Err(format!("expected exit code 0, got {end:?}")),
+    }
+}
+
+/// The frame allocator the page manager gets (everything but the heap).
+pub fn page_manager(frames: FrameAllocator) -> PageManager<OffsetPhysMem> {
+    PageManager::new(*crate::memory::phys(), frames, Default::default())
+}
