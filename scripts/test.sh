@@ -9,6 +9,7 @@ bash scripts/setup.sh || exit 1
 
 passed=0
 failed=0
+skipped=0
 ok()  { passed=$((passed + 1)); echo "PASS: $*"; }
 bad() { failed=$((failed + 1)); echo "FAIL: $*"; }
 
@@ -79,17 +80,120 @@ summary_tail=(
     '^\[INFO \] == end of boot summary =='
 )
 
-# (a) Bochs: the VMX-capable machine.
-smoke bochs bochs bios 0 120 "" "${summary_head[@]}" \
-    'cpu features: vmx=yes' "${summary_tail[@]}" \
-    '^HV-EXIT: 0x10 success'
+# Lines every run with guests must show, in any order (VMs interleave).
+expect_all() {
+    local log=$1 pat missing=0
+    shift
+    for pat in "$@"; do
+        if ! tr -d '\r' <"$log" | grep -a -q -E -- "$pat"; then
+            echo "   missing: $pat"
+            missing=1
+        fi
+    done
+    return $missing
+}
 
-# (b), (c) QEMU without VMX: BIOS and UEFI boot paths.
+# expect_count LOG N PATTERN: exactly N lines match.
+expect_count() {
+    local n
+    n=$(tr -d '\r' <"$1" | grep -a -c -E -- "$3")
+    [ "$n" = "$2" ] || { echo "   $n lines (not $2): $3"; return 1; }
+}
+
+# check NAME COMMAND...: one more assertion on a finished smoke boot.
+check() {
+    local name=$1
+    shift
+    if "$@"; then ok "$name"; else bad "$name"; fi
+}
+
+# (a) Bochs, the VMX-capable machine: every guest scenario at once. Two
+# DEDUPE guests fill 256 pages each (64 zero, 16 groups of 4 equal pages,
+# 64 pages equal across the VMs, 64 unique; hvcore::hypercall::dedupe_layout),
+# so at convergence: zero_pages = 2*64 = 128, pages_shared = 2*16 + 64 = 96,
+# pages_sharing = 2*16*3 + 64 = 160, pages_unshared = 2*64 = 128.
+all_vms="vms=hello,hello,wild-access,vmxon,bad-hypercall,triple-fault,dedupe,dedupe"
+smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
+    'cpu features: vmx=yes' "${summary_tail[@]}" \
+    '^\[INFO \] vmx caps: basic=0x[0-9a-f]+ ' \
+    '^\[INFO \] vmx: on \(VMCS revision 0x[0-9a-f]+\)' \
+    '^\[INFO \] vm0: created: scenario hello' \
+    '^\[INFO \] vm7: created: scenario dedupe' \
+    '^\[INFO \] == run report ==' \
+    '^\[INFO \] vm0 \(hello\): exited with code 0; 3 checks passed, 0 failed; [0-9]+ exits; as expected' \
+    '^\[INFO \] vm1 \(hello\): exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm2 \(wild-access\): stopped: guest-physical access at 0x30000000 outside its memory; .*as expected' \
+    '^\[INFO \] vm3 \(vmxon\): exited with code 0; 1 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm4 \(bad-hypercall\): exited with code 0; 1 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm5 \(triple-fault\): stopped: triple fault; .*as expected' \
+    '^\[INFO \] vm6 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm7 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] warnings: 0 WARN hits' \
+    '^\[INFO \] 8 VMs in [0-9]+ time slices; all ended as expected' \
+    '^HV-EXIT: 0x10 success'
+log=target/runs/bochs-bochs-bios/serial.log
+check "bochs: guest serial output and hypercalls reach the log, named per VM" expect_all "$log" \
+    '^\[INFO \] \[vm0\] hello from the guest$' \
+    '^\[INFO \] \[vm1\] hello from the guest, via the PRINT hypercall$' \
+    '^\[INFO \] \[vm0\] tick 3$' '^\[INFO \] \[vm1\] tick 3$' \
+    '^\[INFO \] vm0: check 1 passed' '^\[INFO \] vm0: check 2 passed' '^\[INFO \] vm0: check 3 passed'
+check "bochs: two guests interleave (round-robin)" expect_in_order "$log" \
+    '\[vm0\] tick 1' '\[vm1\] tick 1' '\[vm0\] tick 2' '\[vm1\] tick 2'
+check "bochs: bad guests are stopped or refused with a reason, the rest go on" expect_all "$log" \
+    '^\[WARN \] vm2: stopped: guest-physical access at 0x30000000 outside its memory' \
+    '^\[INFO \] vm3: VMXON in the guest: injecting #UD' '^\[INFO \] vm3: check 10 passed' \
+    '^\[INFO \] vm4: refused hypercall: unknown hypercall number 0xdead' '^\[INFO \] vm4: check 20 passed' \
+    '^\[WARN \] vm5: stopped: triple fault'
+check "bochs: every exit reason counted" expect_all "$log" \
+    '^\[INFO \] vm0 exits: CPUID=2, VMCALL=[0-9]+, I/O instruction=[0-9]+, EPT violation=[0-9]+' \
+    '^\[INFO \] vm5 exits: triple fault=1' \
+    '^\[INFO \] vm6 exits: .*VMX-preemption timer expired=[0-9]+'
+check "bochs: dedupe converges to the expected counts" expect_count "$log" 1 \
+    '^\[INFO \] dedupe converged: pages_shared=96 pages_sharing=160 pages_unshared=128 pages_volatile=0 zero_pages=128 '
+check "bochs: re-reading merged memory takes zero EPT violations (change_pte)" expect_count "$log" 2 \
+    '^\[INFO \] vm[67]: re-read after merge: 0 EPT violations$'
+check "bochs: one COW break per written merged page" expect_count "$log" 2 \
+    '^\[INFO \] vm[67]: writes to 10 merged pages: 10 COW breaks$'
+check "bochs: no WARN line" expect_count "$log" 0 'WARNING:'
+
+# The same guests with Linux's behaviour (invalidate zaps, change_pte finds
+# nothing): every merged page costs one EPT violation on the next read.
+smoke linux-zap bochs bios 0 120 "vms=dedupe,dedupe notifier=linux-zap" \
+    '^\[INFO \] dedupe converged: pages_shared=96 pages_sharing=160 pages_unshared=128 pages_volatile=0 zero_pages=128 ' \
+    '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+check "linux-zap: re-read after merge takes EPT violations" expect_count target/runs/linux-zap-bochs-bios/serial.log 2 \
+    '^\[INFO \] vm[01]: re-read after merge: [1-9][0-9]* EPT violations$'
+
+# The negative test of the notifier contract: change_pte outside a bracket
+# once. Exactly one WARN line, the counter at 1, and every guest still fine.
+smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \
+    '^\[INFO \] warn-test: change_pte on vm0 gpa 0x200000 with no invalidation in flight' \
+    '^\[WARN \] WARNING: kernel/core/src/mmu_notifier.rs:[0-9]+: change_pte\(gfn 0x200\) with no invalidation in flight' \
+    '^\[INFO \] dedupe converged: pages_shared=96 pages_sharing=160 ' \
+    '^\[INFO \] notifier: .*warnings: 1 }' \
+    '^\[INFO \] warnings: 1 WARN hits' \
+    '^\[INFO \] 3 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+check "warn-test: exactly one WARN line" expect_count target/runs/warn-test-bochs-bios/serial.log 1 'WARNING:'
+
+# (b), (c) QEMU without VMX: both boot paths, and the "no VMX" report.
 for fw in bios uefi; do
-    smoke "qemu-$fw" qemu "$fw" 0 60 "" "${summary_head[@]}" \
+    smoke "qemu-$fw" qemu "$fw" 3 60 "" "${summary_head[@]}" \
         'cpu features: vmx=no' "${summary_tail[@]}" \
-        '^HV-EXIT: 0x10 success'
+        '^\[ERROR\] cannot run guests: the CPU has no VMX \(CPUID.1:ECX.VMX\[bit 5\] is 0\)' \
+        '^HV-EXIT: 0x12 no-vmx'
 done
+
+# QEMU with KVM where the host gives VMX to its guests (nested).
+kvm_out=target/smoke-qemu-kvm.out
+if cargo run --quiet -- --name qemu-kvm --emulator qemu-kvm --timeout 120 --options "$all_vms" --quiet >"$kvm_out" 2>&1; then
+    ok "qemu-kvm: nested VMX run"
+elif grep -q -E "no nested VMX|/dev/kvm|vmx flag|kvm_intel" "$kvm_out"; then
+    skipped=$((skipped + 1))
+    echo "skipped: no nested VMX on this host ($(grep -o -E '(/dev/kvm|the host CPU|kvm_intel)[^;]*' "$kvm_out" | head -1))"
+else
+    bad "qemu-kvm: nested VMX run"
+    tail -n 25 "$kvm_out" | sed 's/^/   | /'
+fi
 
 # Bad input and failure paths.
 smoke fault-test qemu bios 1 60 "fault-test=1" \
@@ -103,5 +207,5 @@ smoke hang-test qemu bios 4 8 "hang-test=1" \
     'hang-test: spinning forever'
 
 echo
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]

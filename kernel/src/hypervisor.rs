@@ -16,15 +16,18 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hvcore::frame::FrameAllocator;
 use hvcore::hypercall::{guest_arg, scenario};
-use hvcore::mmu_notifier::TlbFlush;
+use hvcore::mmu_notifier::{NotifierMode, TlbFlush};
 use hvcore::page_manager::{PageManager, VmConfig};
 use hvcore::phys::OffsetPhysMem;
 use hvcore::vmx::exit::{exit_reason_name, reason};
 use hvcore::vmx::VmxCaps;
 use x86::vmx::vmcs::{guest, ro};
 
-/// Guest memory per VM: one mergeable slot from guest-physical 0.
+/// Guest memory per VM. Below `MERGEABLE_START` (the guest's code, page
+/// tables and stack) it is private; above, it is mergeable, as memory a
+/// Linux process marks with madvise(MADV_MERGEABLE).
 pub const GUEST_MEMORY: u64 = 8 << 20;
+const MERGEABLE_START: u64 = hvcore::hypercall::dedupe_layout::REGION_START;
 /// Dedupe pages looked at between two time slices.
 const SCAN_BATCH: usize = 64;
 /// A VM that has had this many slices without ending is stopped.
@@ -34,6 +37,52 @@ const MAX_SLICES: u64 = 200_000;
 pub struct Host {
     pub caps: VmxCaps,
     pub pm: PageManager<OffsetPhysMem>,
+    converged_logged: bool,
+}
+
+impl Host {
+    /// DEDUPE_STATUS: converged only once a whole scan pass has run after
+    /// the guest first asked (it filled its memory before asking), and
+    /// that pass or a later one merged nothing and saw nothing change.
+    pub fn dedupe_converged_for(&mut self, vm: &mut Vm) -> bool {
+        let ksm = self.pm.ksm_stats();
+        let asked_at = *vm.dedupe.asked_at.get_or_insert(ksm.full_scans);
+        if ksm.full_scans < asked_at + 2 || !self.pm.scan_converged() {
+            return false;
+        }
+        if !self.converged_logged {
+            self.converged_logged = true;
+            log::info!(
+                "dedupe converged: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} zero_pages={} full_scans={}",
+                ksm.pages_shared, ksm.pages_sharing, ksm.pages_unshared, ksm.pages_volatile, ksm.zero_pages, ksm.full_scans
+            );
+        }
+        if vm.dedupe.violations_at_converged.is_none() {
+            vm.dedupe.violations_at_converged = Some(self.vm_stats(vm).ept_violations);
+        }
+        true
+    }
+
+    /// Measures the DEDUPE guest's phases as it reports its checks.
+    pub fn on_report(&mut self, vm: &mut Vm, check: u64) {
+        use hvcore::hypercall::{check as id, dedupe_layout::WRITTEN_PAGES};
+        let s = self.vm_stats(vm);
+        match (check, vm.dedupe.violations_at_converged) {
+            (id::DEDUPE_INTACT, Some(before)) => {
+                log::info!("{}: re-read after merge: {} EPT violations", vm.name, s.ept_violations - before);
+                vm.dedupe.cow_at_reread = Some(s.cow_breaks);
+            }
+            (id::DEDUPE_AFTER_WRITE, _) => {
+                let cow = s.cow_breaks - vm.dedupe.cow_at_reread.unwrap_or(0);
+                log::info!("{}: writes to {} merged pages: {} COW breaks", vm.name, WRITTEN_PAGES.len(), cow);
+            }
+            _ => {}
+        }
+    }
+
+    fn vm_stats(&self, vm: &Vm) -> hvcore::stats::VmStats {
+        self.pm.vm_stats(vm.id).map(|(s, _)| s).unwrap_or_default()
+    }
 }
 
 /// INVEPT single-context for one VM's EPTP, known once its tables exist.
@@ -53,13 +102,14 @@ pub struct Hypervisor {
     vms: Vec<Vm>,
     msr_bitmap: Box<Page>,
     slices: u64,
+    mode: NotifierMode,
 }
 
 impl Hypervisor {
-    pub fn new(vmx: &Vmx, pm: PageManager<OffsetPhysMem>) -> Hypervisor {
+    pub fn new(vmx: &Vmx, pm: PageManager<OffsetPhysMem>, mode: NotifierMode) -> Hypervisor {
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
-        Hypervisor { host: Host { caps: vmx.caps, pm }, vms: Vec::new(), msr_bitmap, slices: 0 }
+        Hypervisor { host: Host { caps: vmx.caps, pm, converged_logged: false }, vms: Vec::new(), msr_bitmap, slices: 0, mode }
     }
 
     /// Creates a VM running `guest_elf` in scenario `scenario`. A guest that
@@ -70,9 +120,11 @@ impl Hypervisor {
         let eptp_cell = Arc::new(AtomicU64::new(0));
         let pm = &mut self.host.pm;
         let id = pm
-            .create_vm(VmConfig::default(), Box::new(InveptFlush(eptp_cell.clone())))
+            .create_vm(VmConfig { mode: self.mode, ..VmConfig::default() }, Box::new(InveptFlush(eptp_cell.clone())))
             .map_err(|e| format!("{name}: cannot create: {e:?}"))?;
-        pm.add_slot(id, 0, GUEST_MEMORY, true).map_err(|e| format!("{name}: memory slot: {e:?}"))?;
+        pm.add_slot(id, 0, MERGEABLE_START, false)
+            .and_then(|()| pm.add_slot(id, MERGEABLE_START, GUEST_MEMORY - MERGEABLE_START, true))
+            .map_err(|e| format!("{name}: memory slot: {e:?}"))?;
         let arg = guest_arg(scn, index as u8);
         let boot = hvcore::guest_boot::load(guest_elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
             pm.write_gpa(id, gpa, bytes).map_err(|_| ())
@@ -108,6 +160,18 @@ impl Hypervisor {
         Ok(())
     }
 
+    /// The negative test of the notifier contract: one `change_pte` with no
+    /// invalidation in flight. It must WARN once, count, and harm nothing.
+    pub fn change_pte_outside_bracket(&mut self) {
+        let Some(vm) = self.vms.first() else { return };
+        let pm = &self.host.pm;
+        let gpa = 0x20_0000; // the guest's entry page, already backed
+        if let (Ok(mmu), Some(frame)) = (pm.mmu(vm.id), pm.backing_frame(vm.id, gpa)) {
+            log::info!("warn-test: change_pte on {} gpa {gpa:#x} with no invalidation in flight", vm.name);
+            mmu.change_pte(pm.mem(), gpa >> 12, frame, hvcore::stage2::Perms::READ | hvcore::stage2::Perms::EXEC);
+        }
+    }
+
     /// Runs every VM until all have ended.
     pub fn run(&mut self) {
         let mut next = 0;
@@ -131,13 +195,18 @@ impl Hypervisor {
                 let err = vmcs::read(ro::VM_INSTRUCTION_ERROR) as u32;
                 let what = hvcore::vmx::instruction_error_meaning(err);
                 vm.stop(Cause::EntryFailed(format!("VM-instruction error {err}: {what}")));
+                vm.vmcs.clear();
                 return;
             }
             vm.launched = true;
             match exits::handle(vm, &mut self.host) {
                 Next::Resume => continue,
                 Next::Yield => break,
-                Next::Ended => return,
+                Next::Ended => {
+                    // Write the VMCS back to memory; it is never used again.
+                    vm.vmcs.clear();
+                    return;
+                }
             }
         }
         let slices = vm.exits[reason::PREEMPTION_TIMER as usize] + vm.exits[reason::VMCALL as usize];
@@ -211,7 +280,11 @@ fn verdict(vm: &Vm) -> Result<(), String> {
         (scenario::TRIPLE_FAULT, Some(End::Stopped(Cause::TripleFault))) => Ok(()),
         (scenario::WILD_ACCESS | scenario::TRIPLE_FAULT, _) => Err("expected the hypervisor to stop it".into()),
         (_, Some(End::Exited(0))) if failed == 0 && !vm.checks.is_empty() => Ok(()),
-        (_, Some(End::Exited(0))) if failed > 0 => Err(format!("{failed} checks failed")),
+        (_, Some(End::Exited(0))) if failed > 0 => {
+            let ids: Vec<String> =
+                vm.checks.iter().filter(|c| c.failed).map(|c| format!("{} (detail {:#x})", c.id, c.detail)).collect();
+            Err(format!("checks failed: {}", ids.join(", ")))
+        }
         (_, Some(End::Exited(0))) => Err("it reported no checks".into()),
         (_, end) => Err(format!("expected exit code 0, got {end:?}")),
     }

@@ -25,6 +25,7 @@ use core::panic::PanicInfo;
 use hvcore::bundle::Bundle;
 use hvcore::exit::ExitCode;
 use hvcore::hypercall::scenario;
+use hvcore::mmu_notifier::NotifierMode;
 use hvcore::options::Options;
 
 pub static BOOTLOADER_CONFIG: BootloaderConfig = {
@@ -96,8 +97,9 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
         log::error!("the boot bundle has no guest/guest.elf");
         return ExitCode::Failure;
     };
-    let mut hv = hypervisor::Hypervisor::new(&vmx, hypervisor::page_manager(frames));
-    let default = [scenario::HELLO, scenario::HELLO];
+    let mode = if options.linux_zap { NotifierMode::LinuxZap } else { NotifierMode::ChangePte };
+    let mut hv = hypervisor::Hypervisor::new(&vmx, hypervisor::page_manager(frames), mode);
+    let default = [scenario::HELLO, scenario::HELLO, scenario::DEDUPE, scenario::DEDUPE];
     let wanted = options.vms.as_deref().unwrap_or(&default);
     let mut refused = 0;
     for &scn in wanted {
@@ -105,6 +107,9 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
             log::error!("{e}");
             refused += 1;
         }
+    }
+    if options.warn_test {
+        hv.change_pte_outside_bracket();
     }
     hv.run();
     if hv.report() && refused == 0 { ExitCode::Success } else { ExitCode::Failure }

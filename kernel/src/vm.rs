@@ -62,6 +62,20 @@ pub struct Vm {
     pub refused_hypercalls: u64,
     pub kernel_gs_base: u64,
     pub end: Option<End>,
+    pub dedupe: DedupeProgress,
+}
+
+/// Where a DEDUPE guest is in its test, to measure each phase: EPT
+/// violations taken by the re-read after convergence (goal: zero), and
+/// COW breaks caused by its writes to merged pages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DedupeProgress {
+    /// `full_scans` when the guest first asked whether the scan converged.
+    pub asked_at: Option<u64>,
+    /// The VM's EPT violations when it was told the scan converged.
+    pub violations_at_converged: Option<u64>,
+    /// The VM's COW breaks when it reported its re-read check.
+    pub cow_at_reread: Option<u64>,
 }
 
 impl Vm {
@@ -80,6 +94,7 @@ impl Vm {
             refused_hypercalls: 0,
             kernel_gs_base: 0,
             end: None,
+            dedupe: DedupeProgress::default(),
         }
     }
 

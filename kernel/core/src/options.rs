@@ -22,11 +22,15 @@ pub struct Options {
     /// `vms=hello,hello,wild-access`: one VM per name, each running the
     /// guest program in that scenario (`hvcore::hypercall::scenario`).
     pub vms: Option<Vec<u8>>,
+    /// `notifier=linux-zap`: invalidations zap EPT entries and `change_pte`
+    /// finds nothing to change, as in Linux before 2024 (for comparison);
+    /// the default `change-pte` write-protects and installs the new frame.
+    pub linux_zap: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false, hang_test: false, vms: None }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false, vms: None, linux_zap: false }
     }
 }
 
@@ -59,6 +63,13 @@ impl Options {
                 "fault-test" => o.fault_test = flag(value).ok_or_else(bad)?,
                 "warn-test" => o.warn_test = flag(value).ok_or_else(bad)?,
                 "hang-test" => o.hang_test = flag(value).ok_or_else(bad)?,
+                "notifier" => {
+                    o.linux_zap = match value {
+                        "change-pte" => false,
+                        "linux-zap" => true,
+                        _ => return Err(bad()),
+                    }
+                }
                 "vms" => {
                     let names = value.split(',').map(|n| crate::hypercall::scenario::from_name(n).ok_or_else(bad));
                     o.vms = Some(names.collect::<Result<Vec<u8>, _>>()?);
@@ -93,6 +104,9 @@ mod tests {
         let o = Options::parse("vms=hello,wild-access,hello").unwrap();
         use crate::hypercall::scenario::{HELLO, WILD_ACCESS};
         assert_eq!(o.vms, Some(vec![HELLO, WILD_ACCESS, HELLO]));
+        assert!(Options::parse("notifier=linux-zap").unwrap().linux_zap);
+        assert!(!Options::parse("notifier=change-pte").unwrap().linux_zap);
+        assert!(Options::parse("notifier=other").is_err());
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
                 vm.name, check, if failed { "FAILED" } else { "passed" }, detail
             );
             vm.checks.push(Check { id: check, failed, detail });
+            host.on_report(vm, check);
             Next::Resume
         }
         Hypercall::Exit { code } => {
@@ -48,7 +49,7 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
             Next::Ended
         }
         Hypercall::DedupeStatus => {
-            vm.regs.rax = host.pm.scan_converged() as u64;
+            vm.regs.rax = host.dedupe_converged_for(vm) as u64;
             Next::Yield
         }
     }
