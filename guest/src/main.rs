@@ -48,6 +48,7 @@ extern "sysv64" fn guest_main(arg: u64) -> ! {
         scenario::BAD_HYPERCALL => bad_hypercall(),
         scenario::TRIPLE_FAULT => triple_fault(),
         scenario::DEDUPE => dedupe::run(vm),
+        scenario::EXIT_COST => exit_cost(),
         _ => {
             println!("guest: unknown scenario {s}");
             hv::exit(1)
@@ -58,6 +59,27 @@ extern "sysv64" fn guest_main(arg: u64) -> ! {
 fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     let r = core::arch::x86_64::__cpuid_count(leaf, 0);
     (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// Average TSC ticks of `f` over `n` runs.
+fn ticks_per(n: u64, mut f: impl FnMut() -> bool) -> (u64, bool) {
+    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut ok = true;
+    for _ in 0..n {
+        ok &= f();
+    }
+    ((unsafe { core::arch::x86_64::_rdtsc() } - t0) / n, ok)
+}
+
+fn exit_cost() -> ! {
+    const N: u64 = 1000;
+    let (vmcall, ok) = ticks_per(N, || hv::raw(hc::NOP, 0, 0, 0) == 0);
+    println!("exit-cost: {vmcall} TSC ticks per NOP hypercall round trip");
+    let mut ok = hv::report(check::VMCALL_COST, ok, vmcall);
+    let (cpuid_ticks, _) = ticks_per(N, || cpuid(0).0 > 0);
+    println!("exit-cost: {cpuid_ticks} TSC ticks per CPUID exit");
+    ok &= hv::report(check::CPUID_COST, true, cpuid_ticks);
+    hv::exit(!ok as u64)
 }
 
 fn hello() -> ! {

@@ -103,13 +103,15 @@ pub struct Hypervisor {
     msr_bitmap: Box<Page>,
     slices: u64,
     mode: NotifierMode,
+    /// TSC ticks `run` took (in Bochs, about one per instruction).
+    tsc_ticks: u64,
 }
 
 impl Hypervisor {
     pub fn new(vmx: &Vmx, pm: PageManager<OffsetPhysMem>, mode: NotifierMode) -> Hypervisor {
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
-        Hypervisor { host: Host { caps: vmx.caps, pm, converged_logged: false }, vms: Vec::new(), msr_bitmap, slices: 0, mode }
+        Hypervisor { host: Host { caps: vmx.caps, pm, converged_logged: false }, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
     }
 
     /// Creates a VM running `guest_elf` in scenario `scenario`. A guest that
@@ -174,6 +176,12 @@ impl Hypervisor {
 
     /// Runs every VM until all have ended.
     pub fn run(&mut self) {
+        let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+        self.schedule();
+        self.tsc_ticks = unsafe { core::arch::x86_64::_rdtsc() } - t0;
+    }
+
+    fn schedule(&mut self) {
         let mut next = 0;
         while let Some(i) = (0..self.vms.len()).map(|k| (next + k) % self.vms.len()).find(|&i| self.vms[i].end.is_none()) {
             self.slice(i);
@@ -266,6 +274,11 @@ impl Hypervisor {
         );
         log::info!("notifier: {:?}", t.mmu);
         log::info!("warnings: {} WARN hits", hvcore::warn::total_hits());
+        let exits: u64 = self.vms.iter().map(|vm| vm.total_exits()).sum();
+        log::info!(
+            "run: {} VM exits in {} TSC ticks ({} ticks per exit, handling and guest time included)",
+            exits, self.tsc_ticks, self.tsc_ticks / exits.max(1)
+        );
         log::info!("{} VMs in {} time slices; {}", self.vms.len(), self.slices,
             if all_ok { "all ended as expected" } else { "some did NOT end as expected" });
         all_ok

@@ -55,6 +55,8 @@ pub const REPORT: u64 = 3;
 pub const EXIT: u64 = 4;
 /// `DEDUPE_STATUS()`: 1 once the dedupe scan has converged, else 0.
 pub const DEDUPE_STATUS: u64 = 5;
+/// `NOP()`: returns 0 and does nothing: the cost of a VMCALL round trip.
+pub const NOP: u64 = 6;
 
 /// What a hypercall returns for an unknown number or bad arguments.
 pub const ERROR: u64 = u64::MAX;
@@ -72,6 +74,7 @@ pub enum Hypercall {
     Report { check: u64, failed: bool, detail: u64 },
     Exit { code: u64 },
     DedupeStatus,
+    Nop,
 }
 
 impl Hypercall {
@@ -83,6 +86,7 @@ impl Hypercall {
             Hypercall::Report { .. } => REPORT,
             Hypercall::Exit { .. } => EXIT,
             Hypercall::DedupeStatus => DEDUPE_STATUS,
+            Hypercall::Nop => NOP,
         }
     }
 
@@ -94,7 +98,7 @@ impl Hypercall {
             Hypercall::Print { gpa, len } => (nr, gpa, len, 0),
             Hypercall::Report { check, failed, detail } => (nr, check, failed as u64, detail),
             Hypercall::Exit { code } => (nr, code, 0, 0),
-            Hypercall::Yield | Hypercall::DedupeStatus => (nr, 0, 0, 0),
+            Hypercall::Yield | Hypercall::DedupeStatus | Hypercall::Nop => (nr, 0, 0, 0),
         }
     }
 }
@@ -146,6 +150,7 @@ pub fn decode(rax: u64, rdi: u64, rsi: u64, rdx: u64) -> Result<Hypercall, Hyper
         }
         EXIT => Ok(Hypercall::Exit { code: rdi }),
         DEDUPE_STATUS => Ok(Hypercall::DedupeStatus),
+        NOP => Ok(Hypercall::Nop),
         n => Err(HypercallError::Unknown(n)),
     }
 }
@@ -219,9 +224,14 @@ pub mod scenario {
     /// after writes to merged pages), 32 (the scan converged within
     /// [`super::dedupe_layout::MAX_YIELDS`] yields); EXIT 0.
     pub const DEDUPE: u8 = 5;
+    /// Measures exits: the guest's TSC over 1000 NOP hypercalls (REPORT
+    /// 60, detail: TSC ticks per round trip) and 1000 CPUIDs (REPORT 61,
+    /// detail: ticks per CPUID exit); EXIT 0. In Bochs a TSC tick is one
+    /// emulated instruction, so these are instructions per round trip.
+    pub const EXIT_COST: u8 = 6;
 
     /// Every scenario, for loops over them.
-    pub const ALL: [u8; 6] = [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE];
+    pub const ALL: [u8; 7] = [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST];
 
     /// A short name for logs.
     pub fn name(s: u8) -> Option<&'static str> {
@@ -232,6 +242,7 @@ pub mod scenario {
             BAD_HYPERCALL => "bad-hypercall",
             TRIPLE_FAULT => "triple-fault",
             DEDUPE => "dedupe",
+            EXIT_COST => "exit-cost",
             _ => return None,
         })
     }
@@ -266,6 +277,10 @@ pub mod check {
     pub const WILD_ACCESS_CONTINUED: u64 = 40;
     /// TRIPLE_FAULT: execution went on after the fault (always a fail).
     pub const TRIPLE_FAULT_CONTINUED: u64 = 50;
+    /// EXIT_COST: TSC ticks per NOP hypercall round trip (detail).
+    pub const VMCALL_COST: u64 = 60;
+    /// EXIT_COST: TSC ticks per CPUID exit (detail).
+    pub const CPUID_COST: u64 = 61;
 }
 
 /// The vendor signature in CPUID leaf 0x4000_0000 (EBX, ECX, EDX).
@@ -459,12 +474,13 @@ mod tests {
         assert_eq!(decode(4, 0, 0, 0), Ok(Hypercall::Exit { code: 0 }));
         assert_eq!(decode(4, 3, 0, 0), Ok(Hypercall::Exit { code: 3 }));
         assert_eq!(decode(5, 0, 0, 0), Ok(Hypercall::DedupeStatus));
+        assert_eq!(decode(6, 1, 2, 3), Ok(Hypercall::Nop));
     }
 
     #[test]
     fn decode_errors() {
         assert_eq!(decode(0, 0, 0, 0), Err(HypercallError::Unknown(0)));
-        assert_eq!(decode(6, 0, 0, 0), Err(HypercallError::Unknown(6)));
+        assert_eq!(decode(7, 0, 0, 0), Err(HypercallError::Unknown(7)));
         assert_eq!(decode(0xdead, 0, 0, 0), Err(HypercallError::Unknown(0xdead)));
         assert_eq!(decode(u64::MAX, 0, 0, 0), Err(HypercallError::Unknown(u64::MAX)));
         // High bits of RAX count: the whole register is the number.
@@ -513,11 +529,11 @@ mod tests {
     #[test]
     fn scenario_numbers_and_names() {
         use scenario::*;
-        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE), (0, 1, 2, 3, 4, 5));
+        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST), (0, 1, 2, 3, 4, 5, 6));
         for s in ALL {
             assert_eq!(from_name(name(s).unwrap()), Some(s));
         }
-        assert_eq!(name(6), None);
+        assert_eq!(name(7), None);
         assert_eq!(from_name("nope"), None);
     }
 

@@ -34,6 +34,7 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
             Next::Resume
         }
         Hypercall::Yield => Next::Yield,
+        Hypercall::Nop => Next::Resume,
         Hypercall::Report { check, failed, detail } => {
             log::info!(
                 "{}: check {} {} (detail {:#x})",
