@@ -114,7 +114,7 @@ check() {
 # 64 pages equal across the VMs, 64 unique; hvcore::hypercall::dedupe_layout),
 # so at convergence: zero_pages = 2*64 = 128, pages_shared = 2*16 + 64 = 96,
 # pages_sharing = 2*16*3 + 64 = 160, pages_unshared = 2*64 = 128.
-all_vms="vms=hello,hello,wild-access,vmxon,bad-hypercall,triple-fault,dedupe,dedupe,exit-cost"
+all_vms="vms=hello,hello,wild-access,vmxon,bad-hypercall,triple-fault,dedupe,dedupe,exit-cost,bad-vmcs"
 smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     'cpu features: vmx=yes' "${summary_tail[@]}" \
     '^\[INFO \] vmx caps: basic=0x[0-9a-f]+ ' \
@@ -131,9 +131,10 @@ smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     '^\[INFO \] vm6 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] vm7 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] vm8 \(exit-cost\): exited with code 0; 2 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm9 \(bad-vmcs\): stopped: VM entry failed: VM-instruction error 7: VM entry with invalid control field\(s\); .*as expected' \
     '^\[INFO \] warnings: 0 WARN hits' \
     '^\[INFO \] run: [0-9]+ VM exits in [0-9]+ TSC ticks' \
-    '^\[INFO \] 9 VMs in [0-9]+ time slices; all ended as expected' \
+    '^\[INFO \] 10 VMs in [0-9]+ time slices; all ended as expected' \
     '^HV-EXIT: 0x10 success'
 log=target/runs/bochs-bochs-bios/serial.log
 check "bochs: guest serial output and hypercalls reach the log, named per VM" expect_all "$log" \
@@ -159,7 +160,7 @@ check "bochs: dedupe converges to the expected counts" expect_count "$log" 1 \
 check "bochs: re-reading merged memory takes zero EPT violations (change_pte)" expect_count "$log" 2 \
     '^\[INFO \] vm[67]: re-read after merge: 0 EPT violations$'
 check "bochs: one COW break per written merged page" expect_count "$log" 2 \
-    '^\[INFO \] vm[67]: writes to 10 merged pages: 10 COW breaks$'
+    '^\[INFO \] vm[67]: writes to 10 pages merged before: 10 COW breaks$'
 check "bochs: no WARN line" expect_count "$log" 0 'WARNING:'
 
 # The same guests with Linux's behaviour (invalidate zaps, change_pte finds
@@ -169,6 +170,19 @@ smoke linux-zap bochs bios 0 120 "vms=dedupe,dedupe notifier=linux-zap" \
     '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 check "linux-zap: re-read after merge takes EPT violations" expect_count target/runs/linux-zap-bochs-bios/serial.log 2 \
     '^\[INFO \] vm[01]: re-read after merge: [1-9][0-9]* EPT violations$'
+
+# Sharing confined to each VM (merging across VMs is a side channel):
+# the cross-VM pages stay apart, each VM has its own zero frame, and only
+# the intra-VM pages among the written ones (2 per VM) were merged.
+smoke share-same-vm bochs bios 0 120 "vms=dedupe,dedupe share=same-vm" \
+    '^\[INFO \] dedupe converged: pages_shared=32 pages_sharing=96 pages_unshared=256 pages_volatile=0 zero_pages=128 ' \
+    '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+check "share-same-vm: writes break only same-VM sharing" expect_count target/runs/share-same-vm-bochs-bios/serial.log 2 \
+    '^\[INFO \] vm[01]: writes to 10 pages merged before: 2 COW breaks$'
+smoke share-off bochs bios 0 120 "vms=dedupe,dedupe share=off" \
+    '^\[INFO \] dedupe converged: pages_shared=0 pages_sharing=0 pages_unshared=0 pages_volatile=0 zero_pages=0 ' \
+    '^\[INFO \] notifier: MmuStats \{ invalidate_range_start: 0, change_pte: 0, ' \
+    '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 
 # The negative test of the notifier contract: change_pte outside a bracket
 # once. Exactly one WARN line, the counter at 1, and every guest still fine.
@@ -211,6 +225,20 @@ smoke bad-option qemu bios 1 60 "log=loud" \
     '^HV-EXIT: 0x11 failure'
 smoke hang-test qemu bios 4 8 "hang-test=1" \
     'hang-test: spinning forever'
+smoke panic-test qemu bios 1 60 "panic-test=1" \
+    '^\[PANIC\] panic-test: panicking on purpose at kernel/src/main.rs:[0-9]+:[0-9]+' \
+    '^HV-EXIT: 0x11 failure'
+
+# A missing emulator is named, with the command that installs it.
+out=target/smoke-missing-emulator.out
+PATH="$(dirname "$(command -v cargo)")" cargo run --quiet -- --emulator qemu >"$out" 2>&1
+status=$?
+if [ "$status" = 2 ] && grep -q 'qemu-system-x86_64 not found: install it with `apt-get install qemu-system-x86`' "$out"; then
+    ok "missing-emulator: named with its install command, exit status 2"
+else
+    bad "missing-emulator: exit status $status"
+    sed 's/^/   | /' "$out"
+fi
 
 echo
 echo "$passed passed, $failed failed, $skipped skipped"

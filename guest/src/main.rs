@@ -49,6 +49,10 @@ extern "sysv64" fn guest_main(arg: u64) -> ! {
         scenario::TRIPLE_FAULT => triple_fault(),
         scenario::DEDUPE => dedupe::run(vm),
         scenario::EXIT_COST => exit_cost(),
+        scenario::BAD_VMCS => {
+            println!("guest: bad-vmcs: this VM's entry should have failed");
+            hv::exit(1)
+        }
         _ => {
             println!("guest: unknown scenario {s}");
             hv::exit(1)

@@ -14,6 +14,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
+use hvcore::dedupe::{DedupeConfig, SharingPolicy};
 use hvcore::frame::FrameAllocator;
 use hvcore::hypercall::{guest_arg, scenario};
 use hvcore::mmu_notifier::{NotifierMode, TlbFlush};
@@ -37,6 +38,7 @@ const MAX_SLICES: u64 = 200_000;
 pub struct Host {
     pub caps: VmxCaps,
     pub pm: PageManager<OffsetPhysMem>,
+    sharing: SharingPolicy,
     converged_logged: bool,
 }
 
@@ -47,7 +49,9 @@ impl Host {
     pub fn dedupe_converged_for(&mut self, vm: &mut Vm) -> bool {
         let ksm = self.pm.ksm_stats();
         let asked_at = *vm.dedupe.asked_at.get_or_insert(ksm.full_scans);
-        if ksm.full_scans < asked_at + 2 || !self.pm.scan_converged() {
+        // With sharing off nothing will ever merge: that is converged.
+        let settled = self.sharing == SharingPolicy::Off || (ksm.full_scans >= asked_at + 2 && self.pm.scan_converged());
+        if !settled {
             return false;
         }
         if !self.converged_logged {
@@ -74,7 +78,7 @@ impl Host {
             }
             (id::DEDUPE_AFTER_WRITE, _) => {
                 let cow = s.cow_breaks - vm.dedupe.cow_at_reread.unwrap_or(0);
-                log::info!("{}: writes to {} merged pages: {} COW breaks", vm.name, WRITTEN_PAGES.len(), cow);
+                log::info!("{}: writes to {} pages merged before: {} COW breaks", vm.name, WRITTEN_PAGES.len(), cow);
             }
             _ => {}
         }
@@ -108,10 +112,12 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
-    pub fn new(vmx: &Vmx, pm: PageManager<OffsetPhysMem>, mode: NotifierMode) -> Hypervisor {
+    pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy) -> Hypervisor {
+        let config = DedupeConfig { policy: sharing, ..DedupeConfig::default() };
+        let pm = PageManager::new(*crate::memory::phys(), frames, config);
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
-        Hypervisor { host: Host { caps: vmx.caps, pm, converged_logged: false }, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
+        Hypervisor { host: Host { caps: vmx.caps, pm, sharing, converged_logged: false }, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
     }
 
     /// Creates a VM running `guest_elf` in scenario `scenario`. A guest that
@@ -151,6 +157,9 @@ impl Hypervisor {
             msr_bitmap: self.msr_bitmap.phys(),
         };
         vmcs::setup(&setup).map_err(|e| format!("{name}: VMCS: {e}"))?;
+        if scn == scenario::BAD_VMCS {
+            let _ = vmcs::write(x86::vmx::vmcs::control::CR3_TARGET_COUNT, 99);
+        }
         let mut vm = Vm::new(name, scn, id, vmcs);
         vm.regs.rdi = boot.rdi;
         log::info!(
@@ -291,7 +300,10 @@ fn verdict(vm: &Vm) -> Result<(), String> {
     match (vm.scenario, &vm.end) {
         (scenario::WILD_ACCESS, Some(End::Stopped(Cause::WildAccess(_)))) => Ok(()),
         (scenario::TRIPLE_FAULT, Some(End::Stopped(Cause::TripleFault))) => Ok(()),
-        (scenario::WILD_ACCESS | scenario::TRIPLE_FAULT, _) => Err("expected the hypervisor to stop it".into()),
+        (scenario::BAD_VMCS, Some(End::Stopped(Cause::EntryFailed(_)))) => Ok(()),
+        (scenario::WILD_ACCESS | scenario::TRIPLE_FAULT | scenario::BAD_VMCS, _) => {
+            Err("expected the hypervisor to stop it".into())
+        }
         (_, Some(End::Exited(0))) if failed == 0 && !vm.checks.is_empty() => Ok(()),
         (_, Some(End::Exited(0))) if failed > 0 => {
             let ids: Vec<String> =
@@ -301,9 +313,4 @@ fn verdict(vm: &Vm) -> Result<(), String> {
         (_, Some(End::Exited(0))) => Err("it reported no checks".into()),
         (_, end) => Err(format!("expected exit code 0, got {end:?}")),
     }
-}
-
-/// The frame allocator the page manager gets (everything but the heap).
-pub fn page_manager(frames: FrameAllocator) -> PageManager<OffsetPhysMem> {
-    PageManager::new(*crate::memory::phys(), frames, Default::default())
 }

@@ -73,6 +73,9 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         unsafe { core::ptr::read_volatile(0x7fff_dead_0000 as *const u64) };
     }
 
+    if options.panic_test {
+        panic!("panic-test: panicking on purpose");
+    }
     if options.hang_test {
         log::info!("hang-test: spinning forever");
         loop {
@@ -98,7 +101,7 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
         return ExitCode::Failure;
     };
     let mode = if options.linux_zap { NotifierMode::LinuxZap } else { NotifierMode::ChangePte };
-    let mut hv = hypervisor::Hypervisor::new(&vmx, hypervisor::page_manager(frames), mode);
+    let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share);
     let default = [scenario::HELLO, scenario::HELLO, scenario::DEDUPE, scenario::DEDUPE];
     let wanted = options.vms.as_deref().unwrap_or(&default);
     let mut refused = 0;

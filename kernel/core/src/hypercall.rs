@@ -229,9 +229,13 @@ pub mod scenario {
     /// detail: ticks per CPUID exit); EXIT 0. In Bochs a TSC tick is one
     /// emulated instruction, so these are instructions per round trip.
     pub const EXIT_COST: u8 = 6;
+    /// Not a guest behaviour: the hypervisor breaks this VM's VMCS (a
+    /// CR3-target count above 4, SDM Vol. 3C 27.2.1.1) so its VM entry
+    /// fails; the guest never runs. Proves a failed entry ends only that VM.
+    pub const BAD_VMCS: u8 = 7;
 
     /// Every scenario, for loops over them.
-    pub const ALL: [u8; 7] = [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST];
+    pub const ALL: [u8; 8] = [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS];
 
     /// A short name for logs.
     pub fn name(s: u8) -> Option<&'static str> {
@@ -243,6 +247,7 @@ pub mod scenario {
             TRIPLE_FAULT => "triple-fault",
             DEDUPE => "dedupe",
             EXIT_COST => "exit-cost",
+            BAD_VMCS => "bad-vmcs",
             _ => return None,
         })
     }
@@ -529,11 +534,11 @@ mod tests {
     #[test]
     fn scenario_numbers_and_names() {
         use scenario::*;
-        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST), (0, 1, 2, 3, 4, 5, 6));
+        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS), (0, 1, 2, 3, 4, 5, 6, 7));
         for s in ALL {
             assert_eq!(from_name(name(s).unwrap()), Some(s));
         }
-        assert_eq!(name(7), None);
+        assert_eq!(name(8), None);
         assert_eq!(from_name("nope"), None);
     }
 

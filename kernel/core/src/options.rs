@@ -5,6 +5,7 @@
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use crate::dedupe::SharingPolicy;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -19,6 +20,9 @@ pub struct Options {
     /// `hang-test=1`: spin forever after the boot summary (proves the
     /// runner's timeout kills and reports a hung kernel).
     pub hang_test: bool,
+    /// `panic-test=1`: panic after the boot summary (proves the panic
+    /// handler prints the message and location and fails the run).
+    pub panic_test: bool,
     /// `vms=hello,hello,wild-access`: one VM per name, each running the
     /// guest program in that scenario (`hvcore::hypercall::scenario`).
     pub vms: Option<Vec<u8>>,
@@ -26,11 +30,14 @@ pub struct Options {
     /// finds nothing to change, as in Linux before 2024 (for comparison);
     /// the default `change-pte` write-protects and installs the new frame.
     pub linux_zap: bool,
+    /// `share=all|same-vm|off`: who may share merged pages. Merging across
+    /// VMs is a known side channel; `same-vm` confines it, `off` stops it.
+    pub share: SharingPolicy,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false, hang_test: false, vms: None, linux_zap: false }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, vms: None, linux_zap: false, share: SharingPolicy::AllVms }
     }
 }
 
@@ -63,10 +70,19 @@ impl Options {
                 "fault-test" => o.fault_test = flag(value).ok_or_else(bad)?,
                 "warn-test" => o.warn_test = flag(value).ok_or_else(bad)?,
                 "hang-test" => o.hang_test = flag(value).ok_or_else(bad)?,
+                "panic-test" => o.panic_test = flag(value).ok_or_else(bad)?,
                 "notifier" => {
                     o.linux_zap = match value {
                         "change-pte" => false,
                         "linux-zap" => true,
+                        _ => return Err(bad()),
+                    }
+                }
+                "share" => {
+                    o.share = match value {
+                        "all" => SharingPolicy::AllVms,
+                        "same-vm" => SharingPolicy::SameVm,
+                        "off" => SharingPolicy::Off,
                         _ => return Err(bad()),
                     }
                 }
@@ -107,6 +123,10 @@ mod tests {
         assert!(Options::parse("notifier=linux-zap").unwrap().linux_zap);
         assert!(!Options::parse("notifier=change-pte").unwrap().linux_zap);
         assert!(Options::parse("notifier=other").is_err());
+        assert_eq!(Options::parse("share=same-vm").unwrap().share, SharingPolicy::SameVm);
+        assert_eq!(Options::parse("share=off").unwrap().share, SharingPolicy::Off);
+        assert_eq!(Options::default().share, SharingPolicy::AllVms);
+        assert!(Options::parse("share=groups").is_err());
     }
 
     #[test]
