@@ -114,13 +114,13 @@ check() {
 # 64 pages equal across the VMs, 64 unique; hvcore::hypercall::dedupe_layout),
 # so at convergence: zero_pages = 2*64 = 128, pages_shared = 2*16 + 64 = 96,
 # pages_sharing = 2*16*3 + 64 = 160, pages_unshared = 2*64 = 128.
-all_vms="vms=hello,hello,wild-access,vmxon,bad-hypercall,triple-fault,dedupe,dedupe,exit-cost,bad-vmcs"
+all_vms="vms=hello,hello,wild-access,vmxon,bad-hypercall,triple-fault,dedupe,dedupe,exit-cost,bad-vmcs,devices"
 smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     'cpu features: vmx=yes' "${summary_tail[@]}" \
     '^\[INFO \] vmx caps: basic=0x[0-9a-f]+ ' \
     '^\[INFO \] vmx: on \(VMCS revision 0x[0-9a-f]+\)' \
     '^\[INFO \] vm0: created: scenario hello' \
-    '^\[INFO \] vm7: created: scenario dedupe' \
+    '^\[INFO \] vm10: created: scenario devices' \
     '^\[INFO \] == run report ==' \
     '^\[INFO \] vm0 \(hello\): exited with code 0; 3 checks passed, 0 failed; [0-9]+ exits; as expected' \
     '^\[INFO \] vm1 \(hello\): exited with code 0; 3 checks passed, 0 failed' \
@@ -132,9 +132,11 @@ smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     '^\[INFO \] vm7 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] vm8 \(exit-cost\): exited with code 0; 2 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] vm9 \(bad-vmcs\): stopped: VM entry failed: VM-instruction error 7: VM entry with invalid control field\(s\); .*as expected' \
+    '^\[INFO \] vm10 \(devices\): exited with code 0; 5 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=2, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+; unknown ports 1, ' \
     '^\[INFO \] warnings: 0 WARN hits' \
     '^\[INFO \] run: [0-9]+ VM exits in [0-9]+ TSC ticks' \
-    '^\[INFO \] 10 VMs in [0-9]+ time slices; all ended as expected' \
+    '^\[INFO \] 11 VMs in [0-9]+ time slices; all ended as expected' \
     '^HV-EXIT: 0x10 success'
 log=target/runs/bochs-bochs-bios/serial.log
 check "bochs: guest serial output and hypercalls reach the log, named per VM" expect_all "$log" \
@@ -151,6 +153,10 @@ check "bochs: bad guests are stopped or refused with a reason, the rest go on" e
     '^\[INFO \] vm3: VMXON in the guest: injecting #UD' '^\[INFO \] vm3: check 10 passed' \
     '^\[INFO \] vm4: refused hypercall: unknown hypercall number 0xdead' '^\[INFO \] vm4: check 20 passed' \
     '^\[WARN \] vm5: stopped: triple fault'
+# One line each: an exception the hypervisor injects is re-injected, not
+# lost, when its delivery hits an EPT violation (the guest's handler page).
+check "bochs: an injected exception is delivered once (re-injected after an EPT violation)" expect_count "$log" 2 \
+    '^\[INFO \] vm(3: VMXON in the guest: injecting #UD|10: RDMSR of unknown MSR 0x4b564d00: injecting #GP)$'
 check "bochs: every exit reason counted" expect_all "$log" \
     '^\[INFO \] vm0 exits: CPUID=2, VMCALL=[0-9]+, I/O instruction=[0-9]+, EPT violation=[0-9]+' \
     '^\[INFO \] vm5 exits: triple fault=1' \

@@ -95,6 +95,11 @@ pub fn install() {
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }
 
+/// Routes #GP (vector 13) to `handler`.
+pub fn set_general_protection(handler: HandlerWithCode) {
+    set(13, handler as usize as u64);
+}
+
 /// Routes #UD (vector 6) to `handler`.
 pub fn set_invalid_opcode(handler: Handler) {
     set(6, handler as usize as u64);

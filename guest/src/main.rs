@@ -49,6 +49,7 @@ extern "sysv64" fn guest_main(arg: u64) -> ! {
         scenario::TRIPLE_FAULT => triple_fault(),
         scenario::DEDUPE => dedupe::run(vm),
         scenario::EXIT_COST => exit_cost(),
+        scenario::DEVICES => devices(),
         scenario::BAD_VMCS => {
             println!("guest: bad-vmcs: this VM's entry should have failed");
             hv::exit(1)
@@ -84,6 +85,49 @@ fn exit_cost() -> ! {
     println!("exit-cost: {cpuid_ticks} TSC ticks per CPUID exit");
     ok &= hv::report(check::CPUID_COST, true, cpuid_ticks);
     hv::exit(!ok as u64)
+}
+
+static GP_SEEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// #GP from the RDMSR probe: note it and step over the 2-byte RDMSR.
+extern "x86-interrupt" fn rdmsr_gp(mut frame: idt::Frame, _code: u64) {
+    GP_SEEN.store(true, core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: the frame is the one the CPU pushed; we return past RDMSR.
+    unsafe { core::ptr::write_volatile(&mut frame.rip, frame.rip + 2) };
+}
+
+fn devices() -> ! {
+    let port: u8;
+    // SAFETY: port 0x80 is no device of this VM: the read must be all ones.
+    unsafe { asm!("in al, dx", out("al") port, in("dx") 0x80u16, options(nomem, nostack)) };
+    let mut ok = hv::report(check::UNKNOWN_PORT_ONES, port == 0xff, port as u64);
+
+    idt::set_general_protection(rdmsr_gp);
+    // SAFETY: MSR 0x4b56_4d00 does not exist: #GP, handled just above.
+    unsafe { asm!("rdmsr", in("ecx") 0x4b56_4d00u32, out("eax") _, out("edx") _, options(nostack)) };
+    ok &= hv::report(check::UNKNOWN_MSR_GP, GP_SEEN.load(core::sync::atomic::Ordering::SeqCst), 0);
+
+    const VMXE: u64 = 1 << 13;
+    let cr4 = read_cr4();
+    ok &= hv::report(check::CR4_VMXE_HIDDEN, cr4 & VMXE == 0, cr4);
+    // SAFETY: VMXE is owned by the hypervisor: the write exits and only
+    // the shadow changes; nothing else in CR4 changes.
+    unsafe { asm!("mov cr4, {}", in(reg) cr4 | VMXE, options(nostack)) };
+    let after = read_cr4();
+    ok &= hv::report(check::CR4_WRITE, after & VMXE != 0, after);
+    unsafe { asm!("mov cr4, {}", in(reg) cr4, options(nostack)) };
+
+    // SAFETY: no interrupt source is enabled; the hypervisor treats HLT
+    // with IF=1 as "idle" and resumes us after the next round.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    ok &= hv::report(check::HLT_RETURNS, true, 0);
+    hv::exit(!ok as u64)
+}
+
+fn read_cr4() -> u64 {
+    let v: u64;
+    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
+    v
 }
 
 fn hello() -> ! {

@@ -267,7 +267,10 @@ impl Hypervisor {
                 .collect();
             log::info!(
                 "{} exits: {}; unknown ports {}, refused hypercalls {}",
-                vm.name, counts.join(", "), vm.unknown_ports, vm.refused_hypercalls
+                vm.name,
+                if counts.is_empty() { "none".into() } else { counts.join(", ") },
+                vm.unknown_ports,
+                vm.refused_hypercalls
             );
         }
         let s = self.host.pm.ksm_stats();

@@ -233,9 +233,16 @@ pub mod scenario {
     /// CR3-target count above 4, SDM Vol. 3C 27.2.1.1) so its VM entry
     /// fails; the guest never runs. Proves a failed entry ends only that VM.
     pub const BAD_VMCS: u8 = 7;
+    /// The other emulated exits: IN from an unknown port reads all ones
+    /// (REPORT 70); RDMSR of an MSR that does not exist raises #GP in the
+    /// guest (71); CR4 reads back without VMXE (72); setting CR4.VMXE
+    /// exits and reads back set from the shadow (73); HLT with interrupts
+    /// on returns (74); EXIT 0.
+    pub const DEVICES: u8 = 8;
 
     /// Every scenario, for loops over them.
-    pub const ALL: [u8; 8] = [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS];
+    pub const ALL: [u8; 9] =
+        [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS, DEVICES];
 
     /// A short name for logs.
     pub fn name(s: u8) -> Option<&'static str> {
@@ -248,6 +255,7 @@ pub mod scenario {
             DEDUPE => "dedupe",
             EXIT_COST => "exit-cost",
             BAD_VMCS => "bad-vmcs",
+            DEVICES => "devices",
             _ => return None,
         })
     }
@@ -286,6 +294,16 @@ pub mod check {
     pub const VMCALL_COST: u64 = 60;
     /// EXIT_COST: TSC ticks per CPUID exit (detail).
     pub const CPUID_COST: u64 = 61;
+    /// DEVICES: IN from an unknown port read all ones (detail: the value).
+    pub const UNKNOWN_PORT_ONES: u64 = 70;
+    /// DEVICES: RDMSR of a missing MSR raised #GP.
+    pub const UNKNOWN_MSR_GP: u64 = 71;
+    /// DEVICES: CR4 reads without VMXE (detail: CR4).
+    pub const CR4_VMXE_HIDDEN: u64 = 72;
+    /// DEVICES: setting CR4.VMXE reads back set (detail: CR4).
+    pub const CR4_WRITE: u64 = 73;
+    /// DEVICES: HLT with interrupts enabled returned.
+    pub const HLT_RETURNS: u64 = 74;
 }
 
 /// The vendor signature in CPUID leaf 0x4000_0000 (EBX, ECX, EDX).
@@ -534,11 +552,11 @@ mod tests {
     #[test]
     fn scenario_numbers_and_names() {
         use scenario::*;
-        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS), (0, 1, 2, 3, 4, 5, 6, 7));
+        assert_eq!((HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS, DEVICES), (0, 1, 2, 3, 4, 5, 6, 7, 8));
         for s in ALL {
             assert_eq!(from_name(name(s).unwrap()), Some(s));
         }
-        assert_eq!(name(8), None);
+        assert_eq!(name(9), None);
         assert_eq!(from_name("nope"), None);
     }
 

@@ -34,6 +34,7 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
         vm.stop(Cause::EntryFailed(alloc::format!("{} (exit reason {:#x})", exit_reason_name(basic), raw)));
         return Next::Ended;
     }
+    reinject_interrupted_event();
     match basic {
         reason::CPUID => cpuid::handle(vm),
         reason::VMCALL => vmcall::handle(vm, host),
@@ -67,6 +68,26 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
             Next::Ended
         }
     }
+}
+
+/// An exit during event delivery (say, an EPT violation on the page of
+/// the guest's exception handler) leaves the event in the IDT-vectoring
+/// field; it must be delivered again on the next entry or the guest loses
+/// it (SDM Vol. 3C 28.2.4, 27.6.1). A handler that injects an event of its
+/// own replaces it.
+fn reinject_interrupted_event() {
+    const VALID: u64 = 1 << 31;
+    const ERROR_CODE_VALID: u64 = 1 << 11;
+    let info = read(ro::IDT_VECTORING_INFO);
+    if info & VALID == 0 {
+        return;
+    }
+    // Bit 12 of the vectoring information is undefined; entry wants it 0.
+    let _ = write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
+    if info & ERROR_CODE_VALID != 0 {
+        let _ = write(control::VMENTRY_EXCEPTION_ERR_CODE, read(ro::IDT_VECTORING_ERR_CODE));
+    }
+    let _ = write(control::VMENTRY_INSTRUCTION_LEN, read(ro::VMEXIT_INSTRUCTION_LEN));
 }
 
 /// Moves the guest past the instruction that exited.
