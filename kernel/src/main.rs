@@ -43,6 +43,8 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
     serial::init();
     logger::init(logger::build_time_level());
     log::info!("hv {} starting", env!("CARGO_PKG_VERSION"));
+    // For debuggers: where the bootloader put us (docs/debugging.md).
+    log::info!("kernel image at {:#x} ({} bytes)", boot_info.kernel_image_offset, boot_info.kernel_len);
     gdt::init();
     interrupts::init();
     x86_64::instructions::interrupts::int3(); // the IDT answers, or we stop here
