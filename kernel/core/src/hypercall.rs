@@ -307,9 +307,9 @@ pub mod check {
 }
 
 /// The vendor signature in CPUID leaf 0x4000_0000 (EBX, ECX, EDX).
-pub const CPUID_VENDOR: &[u8; 12] = b"HvDedupeRust";
-/// The hypervisor CPUID leaf.
-pub const CPUID_HV_LEAF: u32 = 0x4000_0000;
+pub use crate::cpuid::VENDOR as CPUID_VENDOR;
+/// The hypervisor's CPUID leaf.
+pub use crate::cpuid::HYPERVISOR_LEAF as CPUID_HV_LEAF;
 /// The number the BAD_HYPERCALL scenario uses.
 pub const BAD_NUMBER: u64 = 0xdead;
 /// The guest-physical address the WILD_ACCESS scenario reads.

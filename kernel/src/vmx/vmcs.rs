@@ -3,7 +3,7 @@
 
 use crate::memory::Page;
 use alloc::boxed::Box;
-use hvcore::guest_boot::BootState;
+use hvcore::guest_boot::{self as boot, BootState};
 use hvcore::vmx::caps::adjust_controls;
 use hvcore::vmx::VmxCaps;
 use x86::bits64::vmx;
@@ -147,11 +147,8 @@ fn host_state() -> Result<(), FieldError> {
     write(host::IA32_EFER_FULL, Efer::read_raw())
 }
 
-/// Segment access rights (SDM Vol. 3C 25.4.1): 64-bit code, data, busy TSS,
-/// and the "unusable" bit for LDTR.
-const AR_CODE64: u64 = 0xa09b;
-const AR_DATA: u64 = 0xc093;
-const AR_TSS_BUSY: u64 = 0x8b;
+/// The "unusable" bit of a segment's access rights (SDM Vol. 3C 25.4.1),
+/// for LDTR; the others come from the boot protocol (`hvcore::guest_boot`).
 const AR_UNUSABLE: u64 = 1 << 16;
 
 fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
@@ -162,13 +159,13 @@ fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
     write(guest::DR7, 0x400)?;
     write(guest::RSP, b.rsp)?;
     write(guest::RIP, b.rip)?;
-    write(guest::RFLAGS, 0x2)?;
+    write(guest::RFLAGS, boot::INITIAL_RFLAGS)?;
     write(guest::IA32_EFER_FULL, b.efer)?;
 
     write(guest::CS_SELECTOR, b.code_selector as u64)?;
     write(guest::CS_BASE, 0)?;
     write(guest::CS_LIMIT, 0xffff_ffff)?;
-    write(guest::CS_ACCESS_RIGHTS, AR_CODE64)?;
+    write(guest::CS_ACCESS_RIGHTS, boot::CODE_ACCESS_RIGHTS as u64)?;
     for (sel, base, limit, ar) in [
         (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
         (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
@@ -179,12 +176,12 @@ fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
         write(sel, b.data_selector as u64)?;
         write(base, 0)?;
         write(limit, 0xffff_ffff)?;
-        write(ar, AR_DATA)?;
+        write(ar, boot::DATA_ACCESS_RIGHTS as u64)?;
     }
     write(guest::TR_SELECTOR, b.tss_selector as u64)?;
     write(guest::TR_BASE, b.tss_base)?;
-    write(guest::TR_LIMIT, 0x67)?;
-    write(guest::TR_ACCESS_RIGHTS, AR_TSS_BUSY)?;
+    write(guest::TR_LIMIT, boot::TSS_LIMIT as u64)?;
+    write(guest::TR_ACCESS_RIGHTS, boot::TSS_ACCESS_RIGHTS as u64)?;
     write(guest::LDTR_SELECTOR, 0)?;
     write(guest::LDTR_BASE, 0)?;
     write(guest::LDTR_LIMIT, 0)?;
