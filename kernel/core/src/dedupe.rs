@@ -439,10 +439,14 @@ impl Ksm {
         self.full_scans += 1;
         self.last_pass = Some(self.pass);
         self.pass = PassStats::default();
-        // KSM rebuilds the unstable tree every pass; clear keeps capacity,
-        // and room for a whole pass is made once, not grown page by page.
+        // KSM rebuilds the unstable tree every pass; clear keeps capacity.
+        // Room is made up front for what this pass left in it, plus an
+        // eighth (not for every page visited: most pages of a pass never
+        // enter it, they merge or change, and a table sized for all of
+        // them cost 34 bytes per page); a pass that needs more grows it.
+        let want = self.unstable.len();
         self.unstable.clear();
-        self.unstable.reserve(self.visited_this_pass as usize);
+        self.unstable.reserve(want + want / 8);
         self.visited_this_pass = 0;
     }
 }
