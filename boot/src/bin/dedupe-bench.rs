@@ -1,0 +1,786 @@
+//! `scripts/bench.sh` (= `cargo run --release -p boot --bin dedupe-bench --`):
+//! the project's dedupe engine against Linux KSM, side by side in one run.
+//!
+//! Ours: hvcore's real page manager, dedupe scanner, notifier and EPT
+//! tables over an arena-backed image of guest memory, split over several
+//! VMs (page i of the image belongs to VM i % K, so duplicate groups span
+//! VMs). Every page is written through the page manager and then touched
+//! by a simulated guest, so each page has a live EPT translation that a
+//! merge must write-protect and replace, as in a running guest. Only the
+//! scan loop is timed: CPU time (getrusage) and wall time, one thread.
+//!
+//! Linux: `../shared/peers/linux_ksm_bench.py` (next to the repository) on
+//! the same shape, when /sys/kernel/mm/ksm is writable (root, CONFIG_KSM).
+//!
+//! Floor: one read of every byte of a buffer of the same size.
+//!
+//! See docs/dedupe-performance.md.
+
+use hvcore::dedupe::{DedupeConfig, SharingPolicy};
+use hvcore::frame::FrameAllocator;
+use hvcore::mmu_notifier::{CountingFlush, NotifierMode};
+use hvcore::page_manager::{Access, PageManager, VmConfig, VmId};
+use hvcore::phys::{Arena, PhysAddr, PhysMem, PAGE_SIZE};
+use hvcore::sim::SimGuest;
+use hvcore::stats::KsmStats;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------
+// Heap accounting: the dedupe metadata is measured, not estimated.
+
+struct Counting;
+static HEAP: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = HEAP.fetch_add(n, Relaxed) + n;
+    PEAK.fetch_max(now, Relaxed);
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        HEAP.fetch_sub(l.size(), Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            HEAP.fetch_sub(l.size(), Relaxed);
+            grew(new);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn reset_peak() -> usize {
+    let now = HEAP.load(Relaxed);
+    PEAK.store(now, Relaxed);
+    now
+}
+
+// ---------------------------------------------------------------------------
+// Time.
+
+/// CPU time of this process (user + system).
+fn cpu_time() -> Duration {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    assert_eq!(rc, 0, "getrusage");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[derive(Clone, Copy, Default)]
+struct Times {
+    cpu: f64,
+    wall: f64,
+}
+
+struct Clock {
+    cpu0: Duration,
+    wall0: Instant,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        Clock { cpu0: cpu_time(), wall0: Instant::now() }
+    }
+    fn read(&self) -> Times {
+        Times { cpu: (cpu_time() - self.cpu0).as_secs_f64(), wall: self.wall0.elapsed().as_secs_f64() }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The workload, as the peer script builds it.
+
+#[derive(Clone, Copy)]
+struct Shape {
+    pages: usize,
+    zero: f64,
+    dup: f64,
+    group: usize,
+    seed: u64,
+}
+
+/// Page counts, computed exactly as linux_ksm_bench.py does
+/// (`int(n * zero)`, `int(n * dup) // group * group`).
+struct Counts {
+    zero: usize,
+    dup: usize,
+    unique: usize,
+    groups: usize,
+}
+
+impl Shape {
+    fn counts(&self) -> Counts {
+        let zero = (self.pages as f64 * self.zero) as usize;
+        let dup = (self.pages as f64 * self.dup) as usize / self.group * self.group;
+        let unique = self.pages - zero - dup;
+        Counts { zero, dup, unique, groups: dup / self.group }
+    }
+    fn mib(&self) -> f64 {
+        (self.pages * PAGE_SIZE) as f64 / (1 << 20) as f64
+    }
+}
+
+/// What a correct engine ends with for `g` equal pages when one merged
+/// frame holds at most `cap`: full frames, plus one for a remainder of at
+/// least two (a lone page has nobody to merge with). (shared, sharing)
+fn merged_pages(g: usize, cap: usize) -> (usize, usize) {
+    let full = g / cap;
+    let rest = g % cap;
+    let shared = full + usize::from(rest >= 2);
+    let mapped = full * cap + if rest >= 2 { rest } else { 0 };
+    (shared, mapped - shared)
+}
+
+/// What our engine must end with: (pages_shared, pages_sharing, zero_pages).
+fn expected(shape: &Shape, cfg: &DedupeConfig) -> (u64, u64, u64) {
+    let c = shape.counts();
+    let cap = cfg.max_page_sharing as usize;
+    let (gs, gg) = merged_pages(shape.group, cap);
+    let (mut shared, mut sharing) = (c.groups * gs, c.groups * gg);
+    let mut zero_pages = 0;
+    if cfg.use_zero_pages {
+        zero_pages = if c.zero >= 2 { c.zero } else { 0 };
+    } else {
+        let (zs, zg) = merged_pages(c.zero, cap);
+        shared += zs;
+        sharing += zg;
+    }
+    (shared as u64, sharing as u64, zero_pages as u64)
+}
+
+/// splitmix64: seeds and the shuffle.
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Random page content from a seed (wyrand).
+fn fill_random(buf: &mut [u8; PAGE_SIZE], seed: u64) {
+    let mut s = seed;
+    for c in buf.chunks_exact_mut(8) {
+        s = s.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = (s as u128).wrapping_mul((s ^ 0xe703_7ed1_a0b4_28db) as u128);
+        c.copy_from_slice(&(((t >> 64) ^ t) as u64).to_le_bytes());
+    }
+}
+
+/// A distinct seed per (tag, index) for one run seed (splitmix is a
+/// bijection, so distinct keys never share content).
+fn content_seed(seed: u64, tag: u64, index: u64) -> u64 {
+    let mut s = seed;
+    let base = splitmix(&mut s);
+    let mut k = base ^ (tag << 56 | index);
+    splitmix(&mut k)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Zero,
+    Unique,
+    Group(u32),
+}
+
+/// The page kinds of the whole image, shuffled (with our own generator:
+/// same counts and group sizes as the peer, not the same order).
+fn kinds(shape: &Shape) -> Vec<Kind> {
+    let c = shape.counts();
+    let mut k = Vec::with_capacity(shape.pages);
+    k.extend(std::iter::repeat_n(Kind::Zero, c.zero));
+    k.extend(std::iter::repeat_n(Kind::Unique, c.unique));
+    k.extend((0..c.dup).map(|i| Kind::Group((i / shape.group) as u32)));
+    let mut rng = shape.seed ^ 0x5eed;
+    for i in (1..k.len()).rev() {
+        let j = (splitmix(&mut rng) % (i as u64 + 1)) as usize;
+        k.swap(i, j);
+    }
+    k
+}
+
+// ---------------------------------------------------------------------------
+// Ours.
+
+const RAM: u64 = 0x10_0000; // guest RAM starts here in every VM
+const ARENA_BASE: u64 = 0x1_0000_0000;
+
+struct Ours {
+    stats: KsmStats,
+    expected: (u64, u64, u64),
+    /// CPU / wall time until every expected merge was done.
+    merged: Times,
+    /// ... until a whole pass found nothing new (`scan_converged`).
+    converged: Times,
+    passes: usize,
+    /// CPU seconds of each pass.
+    pass_cpu: Vec<f64>,
+    build_s: f64,
+    /// Heap bytes of the per-page entries (page manager + dedupe).
+    entry_bytes: usize,
+    /// Heap bytes the dedupe indexes and stable records took at their peak
+    /// during the scan, and at the end.
+    index_peak: usize,
+    index_end: usize,
+    consistent: Result<(), &'static str>,
+    tlb_flushes: u64,
+}
+
+/// Asks Linux for transparent huge pages behind `len` bytes at `p`.
+fn hugepages(p: *mut u8, len: usize) {
+    let start = (p as usize).next_multiple_of(2 << 20);
+    let end = (p as usize + len) & !((2 << 20) - 1);
+    if end > start {
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
+fn run_ours(shape: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bool, interleave: bool, quiet: bool) -> Ours {
+    let n = shape.pages;
+    let t_build = Instant::now();
+    let per_vm: Vec<usize> = (0..vms).map(|k| (n + vms - 1 - k) / vms).collect();
+    // Guest frames, EPT tables (about one per 512 pages per VM), slack.
+    let frames = n + n / 256 + 64 * vms + 4096;
+    let mem = Arena::new(ARENA_BASE, frames);
+    if huge {
+        // Like the kernel's map of physical memory (1 GiB / 2 MiB pages),
+        // not 4 KiB pages: before anything is touched.
+        hugepages(mem.ptr(PhysAddr(ARENA_BASE)), frames * PAGE_SIZE);
+    }
+    let fa = FrameAllocator::new([mem.range()]);
+    let mut pm: PageManager<Arena> = PageManager::new(mem, fa, cfg);
+
+    let h0 = HEAP.load(Relaxed);
+    let ids: Vec<VmId> = per_vm
+        .iter()
+        .map(|&p| {
+            let cfg = VmConfig { mode: NotifierMode::ChangePte, share_group: None };
+            let id = pm.create_vm(cfg, Box::new(CountingFlush::default())).expect("create_vm");
+            pm.add_slot(id, RAM, (p * PAGE_SIZE) as u64, true).expect("add_slot");
+            id
+        })
+        .collect();
+    let entry_bytes = HEAP.load(Relaxed) - h0;
+
+    // The image: page i of it is page i / K of VM i % K. Written through
+    // the page manager, then read once by each VM's guest so the EPT maps
+    // every page (RWX), as for a guest that has been running.
+    let kinds = kinds(shape);
+    let mut buf = Box::new([0u8; PAGE_SIZE]);
+    let mut guests: Vec<SimGuest> = ids.iter().map(|&id| SimGuest::new(id)).collect();
+    // Order of first touch (which decides the host frames): VM by VM, each
+    // VM's RAM in address order, as VMs started one after another; or,
+    // with --interleave-frames, in image order, so consecutive host frames
+    // belong to different VMs.
+    let order: Box<dyn Iterator<Item = usize>> = if interleave {
+        Box::new(0..n)
+    } else {
+        Box::new((0..vms).flat_map(move |k| (k..n).step_by(vms)))
+    };
+    for i in order {
+        let (vm, gpa) = (i % vms, RAM + (i / vms * PAGE_SIZE) as u64);
+        match kinds[i] {
+            Kind::Zero => buf.fill(0),
+            Kind::Unique => fill_random(&mut buf, content_seed(shape.seed, 1, i as u64)),
+            Kind::Group(g) => fill_random(&mut buf, content_seed(shape.seed, 2, g as u64)),
+        }
+        pm.write_gpa(ids[vm], gpa, &buf[..]).expect("write_gpa");
+        guests[vm].translate(&mut pm, gpa, Access::Read).expect("guest touch");
+    }
+    drop(kinds);
+    let build_s = t_build.elapsed().as_secs_f64();
+
+    let exp = expected(shape, &cfg);
+    let want_merged = exp.0 + exp.1 + exp.2;
+    let mut merged_total = 0u64;
+    let mut merged_at = None;
+    let mut passes = 0;
+    let mut pass_cpu = Vec::new();
+    let heap0 = reset_peak();
+
+    // --- timed: the scan loop only ---
+    let clock = Clock::start();
+    let converged = loop {
+        let r = pm.scan(batch);
+        merged_total += r.merged as u64;
+        if merged_at.is_none() && merged_total >= want_merged {
+            merged_at = Some(clock.read());
+        }
+        passes += r.full_scans_completed;
+        if r.full_scans_completed > 0 {
+            let t = clock.read().cpu;
+            pass_cpu.push(t - pass_cpu.iter().sum::<f64>());
+        }
+        if r.full_scans_completed > 0 && pm.scan_converged() {
+            break clock.read();
+        }
+        if passes > 20 {
+            eprintln!("dedupe-bench: no convergence after {passes} passes");
+            break clock.read();
+        }
+    };
+    // --- end of timed part ---
+
+    let index_peak = PEAK.load(Relaxed) - heap0;
+    let index_end = HEAP.load(Relaxed).saturating_sub(heap0);
+    let stats = pm.ksm_stats();
+    let consistent = pm.check_consistency();
+    let tlb_flushes = pm.stats().mmu.tlb_flushes;
+    if !quiet {
+        eprintln!("  ours: image built in {build_s:.1} s, {passes} passes");
+    }
+    Ours {
+        stats,
+        expected: exp,
+        merged: merged_at.unwrap_or(Times { cpu: f64::NAN, wall: f64::NAN }),
+        converged,
+        passes,
+        pass_cpu,
+        build_s,
+        entry_bytes,
+        index_peak,
+        index_end,
+        consistent,
+        tlb_flushes,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The floor: one read of every byte of a buffer of the same size.
+
+fn read_floor(pages: usize, huge: bool) -> f64 {
+    let words = pages * PAGE_SIZE / 8;
+    let mut v: Vec<u64> = Vec::with_capacity(words);
+    if huge {
+        hugepages(v.as_mut_ptr() as *mut u8, words * 8);
+    }
+    v.extend((0..words as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let c = Clock::start();
+        let mut s = [0u64; 8];
+        for ch in v.chunks_exact(8) {
+            for (a, b) in s.iter_mut().zip(ch) {
+                *a = a.wrapping_add(*b);
+            }
+        }
+        std::hint::black_box(s);
+        best = best.min(c.read().cpu.max(1e-9));
+    }
+    best
+}
+
+// ---------------------------------------------------------------------------
+// Linux KSM through the peer script.
+
+struct Linux {
+    shared: u64,
+    sharing: u64,
+    expected_shared: u64,
+    expected_sharing: u64,
+    full_scans: u64,
+    wall: f64,
+    cpu: f64,
+    timeout: bool,
+    raw: String,
+}
+
+fn peer_script() -> PathBuf {
+    if let Ok(p) = std::env::var("KSM_PEER") {
+        return PathBuf::from(p);
+    }
+    // boot/ is in the repository; the script is next to the repository.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/linux_ksm_bench.py")
+}
+
+/// Why Linux KSM cannot run here, if it cannot.
+fn ksm_unavailable() -> Option<String> {
+    let run = "/sys/kernel/mm/ksm/run";
+    if !std::path::Path::new(run).exists() {
+        return Some("no /sys/kernel/mm/ksm (kernel without CONFIG_KSM)".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new().write(true).open(run) {
+        return Some(format!("{run} is not writable ({e}); run as root"));
+    }
+    let s = peer_script();
+    if !s.exists() {
+        return Some(format!("peer script {} not found (set KSM_PEER)", s.display()));
+    }
+    None
+}
+
+fn run_linux(shape: &Shape, timeout: f64) -> Result<Linux, String> {
+    let script = peer_script();
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--pages", &shape.pages.to_string()])
+        .args(["--zero", &shape.zero.to_string()])
+        .args(["--dup", &shape.dup.to_string()])
+        .args(["--group", &shape.group.to_string()])
+        .args(["--seed", &shape.seed.to_string()])
+        .args(["--timeout", &timeout.to_string()])
+        .output()
+        .map_err(|e| format!("python3 {}: {e}", script.display()))?;
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("peer script failed ({}): {}{}", out.status, raw, String::from_utf8_lossy(&out.stderr)));
+    }
+    let kv = |key: &str| -> Option<f64> {
+        raw.lines()
+            .filter(|l| l.starts_with("linux-ksm "))
+            .flat_map(|l| l.split_whitespace())
+            .find_map(|t| t.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    let need = |key: &str| kv(key).ok_or_else(|| format!("no {key}= in the peer's output:\n{raw}"));
+    Ok(Linux {
+        shared: need("shared")? as u64,
+        sharing: need("sharing")? as u64,
+        expected_shared: need("expected_shared")? as u64,
+        expected_sharing: need("expected_sharing")? as u64,
+        full_scans: need("full_scans")? as u64,
+        wall: need("wall_s")?,
+        cpu: need("ksmd_cpu_s")?,
+        timeout: raw.contains("TIMEOUT"),
+        raw,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Printing.
+
+fn per_page(bytes: usize, pages: usize) -> f64 {
+    bytes as f64 / pages as f64
+}
+
+fn print_side_by_side(shape: &Shape, vms: usize, cfg: &DedupeConfig, o: &Ours, floor: f64, linux: &Result<Linux, String>) {
+    let c = shape.counts();
+    let mib = shape.mib();
+    println!();
+    println!(
+        "shape: {} pages ({:.0} MiB): {} zero, {} in {} groups of {}, {} unique; seed {}; ours over {} VMs (page i -> VM i % {})",
+        shape.pages, mib, c.zero, c.dup, c.groups, shape.group, c.unique, shape.seed, vms, vms
+    );
+    println!(
+        "ours: policy={:?} max_page_sharing={} use_zero_pages={}; linux: max_page_sharing={} use_zero_pages=0 (set by the peer script)",
+        cfg.policy,
+        cfg.max_page_sharing,
+        cfg.use_zero_pages,
+        std::fs::read_to_string("/sys/kernel/mm/ksm/max_page_sharing").map(|s| s.trim().to_string()).unwrap_or("?".into())
+    );
+    println!("ours: page hash xxh3-64 via {}", hvcore::dedupe::page_hash::implementation());
+    println!();
+    let l = linux.as_ref().ok();
+    let col = |f: &dyn Fn(&Linux) -> String| l.map(f).unwrap_or_else(|| "-".into());
+    println!("{:<34} {:>14} {:>14}", "", "ours", "linux-ksm");
+    println!("{:<34} {:>14} {:>14}", "pages_shared", o.stats.pages_shared, col(&|l| l.shared.to_string()));
+    println!("{:<34} {:>14} {:>14}", "pages_sharing", o.stats.pages_sharing, col(&|l| l.sharing.to_string()));
+    println!("{:<34} {:>14} {:>14}", "zero_pages (use_zero_pages)", o.stats.zero_pages, col(&|_| "0".into()));
+    println!(
+        "{:<34} {:>14} {:>14}",
+        "expected shared/sharing",
+        format!("{}/{}", o.expected.0, o.expected.1),
+        col(&|l| format!("{}/{}", l.expected_shared, l.expected_sharing))
+    );
+    println!("{:<34} {:>14} {:>14}", "full scans", o.passes, col(&|l| l.full_scans.to_string()));
+    let per_pass: Vec<String> = o.pass_cpu.iter().map(|t| format!("{t:.3}")).collect();
+    println!("{:<34} {:>14} {:>14}", "CPU s per pass", per_pass.join("/"), "-");
+    println!(
+        "{:<34} {:>14.3} {:>14}",
+        "CPU s, all merged",
+        o.merged.cpu,
+        col(&|l| format!("{:.2}", l.cpu))
+    );
+    println!("{:<34} {:>14.3} {:>14}", "CPU s, converged (pass w/o change)", o.converged.cpu, "-");
+    println!("{:<34} {:>14.3} {:>14}", "wall s, all merged", o.merged.wall, col(&|l| format!("{:.3}", l.wall)));
+    println!("{:<34} {:>14.3} {:>14}", "wall s, converged", o.converged.wall, "-");
+    println!(
+        "{:<34} {:>14.0} {:>14}",
+        "MiB per CPU-s (converged)",
+        mib / o.converged.cpu,
+        col(&|l| format!("{:.0}", mib / l.cpu.max(0.01)))
+    );
+    println!(
+        "{:<34} {:>14.1} {:>14}",
+        "metadata B/page (entries+peak idx)",
+        per_page(o.entry_bytes + o.index_peak, shape.pages),
+        "64 + nodes"
+    );
+    println!();
+    let floor_line = format!(
+        "read floor: one read of {:.0} MiB = {:.3} s ({:.1} GB/s); ours converged = {:.1}x floor, all merged = {:.1}x floor",
+        mib,
+        floor,
+        (shape.pages * PAGE_SIZE) as f64 / floor / 1e9,
+        o.converged.cpu / floor,
+        o.merged.cpu / floor
+    );
+    println!("{floor_line}");
+    let same_outcome = |l: &Linux| o.stats.pages_shared == l.shared && o.stats.pages_sharing == l.sharing && o.stats.zero_pages == 0;
+    match linux {
+        Ok(l) => {
+            println!(
+                "ratio ours/linux CPU: converged {:.3} (1/{:.1}), all merged {:.3} (1/{:.1}); target <= 0.125: {}",
+                o.converged.cpu / l.cpu,
+                l.cpu / o.converged.cpu,
+                o.merged.cpu / l.cpu,
+                l.cpu / o.merged.cpu,
+                if o.converged.cpu <= l.cpu / 8.0 { "met" } else { "NOT met" }
+            );
+            println!(
+                "merge outcome: {}{}",
+                if same_outcome(l) {
+                    "identical (pages_shared and pages_sharing equal, no zero-page merges on either side)".to_string()
+                } else if cfg.use_zero_pages {
+                    "differs by design: ours ran with use_zero_pages=true (zero pages counted in zero_pages, uncapped); Linux with use_zero_pages=0".to_string()
+                } else if (l.shared, l.sharing) != (l.expected_shared, l.expected_sharing)
+                    && (o.stats.pages_shared, o.stats.pages_sharing) == (l.expected_shared, l.expected_sharing)
+                {
+                    format!(
+                        "ours equals the expected counts; Linux's are off by {:+}/{:+}: /sys/kernel/mm/ksm counters are \
+                         system-wide, so other processes' MADV_MERGEABLE memory (e.g. QEMU guests) merged during the run counts too",
+                        l.shared as i64 - l.expected_shared as i64,
+                        l.sharing as i64 - l.expected_sharing as i64
+                    )
+                } else {
+                    "DIFFERENT".to_string()
+                },
+                if l.timeout { " (linux TIMEOUT)" } else { "" }
+            );
+        }
+        Err(why) => println!("linux-ksm: not run: {why}"),
+    }
+    let ok = o.stats.pages_shared == o.expected.0 && o.stats.pages_sharing == o.expected.1 && o.stats.zero_pages == o.expected.2;
+    println!(
+        "ours: outcome {} expected; consistency check {}; TLB flushes {}; image build {:.1} s (not timed)",
+        if ok { "as" } else { "NOT as" },
+        match o.consistent {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("FAILED: {e}"),
+        },
+        o.tlb_flushes,
+        o.build_s
+    );
+    println!(
+        "ours: metadata per scanned page: {:.1} B page entries + {:.1} B indexes/stable records at peak ({:.1} B at the end) = {:.1} B (Linux rmap_item alone: 64 B)",
+        per_page(o.entry_bytes, shape.pages),
+        per_page(o.index_peak, shape.pages),
+        per_page(o.index_end, shape.pages),
+        per_page(o.entry_bytes + o.index_peak, shape.pages)
+    );
+}
+
+// ---------------------------------------------------------------------------
+
+const USAGE: &str = "\
+usage: scripts/bench.sh [options]
+       cargo run --release -p boot --bin dedupe-bench -- [options]
+
+Workload (the flags of ../shared/peers/linux_ksm_bench.py):
+  --pages N         total 4 KiB pages (default 262144 = 1 GiB)
+  --zero F          fraction of all-zero pages (default 0.25)
+  --dup F           fraction of pages in duplicate groups (default 0.5)
+  --group G         pages per duplicate group (default 4)
+  --seed S          (default 1)
+Ours:
+  --vms K           split the image over K VMs, page i -> VM i % K (default 4)
+  --batch B         pages per scan() call (default 4096)
+  --max-page-sharing M   (default 256, Linux's default)
+  --small-pages     back the arena (and the floor's buffer) with 4 KiB pages
+                    instead of transparent huge pages (the kernel maps
+                    physical memory with large pages)
+  --interleave-frames  touch the image in page order, so consecutive host
+                    frames belong to different VMs (default: VM by VM, each
+                    VM's RAM contiguous, as VMs started one after another)
+  --use-zero-pages  merge zero pages into a per-domain zero frame (default
+                    off, as the peer script sets Linux, so counts match)
+Linux:
+  --no-linux        do not run the peer script
+  --timeout S       the peer's timeout (default 300)
+Sweep:
+  --sweep           ours at 256 MiB, 1 GiB and 4 GiB (same fractions)
+  --sweep-linux     also Linux at each size (slow)
+";
+
+fn main() -> ExitCode {
+    let mut shape = Shape { pages: 262_144, zero: 0.25, dup: 0.5, group: 4, seed: 1 };
+    let mut vms = 4;
+    let mut batch = 4096;
+    let mut cfg = DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: false };
+    let mut linux = true;
+    let mut timeout = 300.0;
+    let (mut sweep, mut sweep_linux) = (false, false);
+    let mut huge = true;
+    let mut interleave = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        macro_rules! parse {
+            ($t:ty) => {{
+                let v = val(&a);
+                match v.parse::<$t>() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        eprintln!("dedupe-bench: bad value {v:?} for {a}\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }};
+        }
+        match a.as_str() {
+            "--pages" => shape.pages = parse!(usize),
+            "--zero" => shape.zero = parse!(f64),
+            "--dup" => shape.dup = parse!(f64),
+            "--group" => shape.group = parse!(usize),
+            "--seed" => shape.seed = parse!(u64),
+            "--vms" => vms = parse!(usize),
+            "--batch" => batch = parse!(usize),
+            "--max-page-sharing" => cfg.max_page_sharing = parse!(u32),
+            "--use-zero-pages" => cfg.use_zero_pages = true,
+            "--no-linux" => linux = false,
+            "--small-pages" => huge = false,
+            "--interleave-frames" => interleave = true,
+            "--timeout" => timeout = parse!(f64),
+            "--sweep" => sweep = true,
+            "--sweep-linux" => (sweep, sweep_linux) = (true, true),
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            _ => {
+                eprintln!("dedupe-bench: unknown argument {a:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let c = shape.counts();
+    if shape.pages == 0 || shape.group < 2 || vms == 0 || batch == 0 || c.zero + c.dup > shape.pages || cfg.max_page_sharing < 2 {
+        eprintln!("dedupe-bench: bad workload\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("dedupe-bench: WARNING: debug build; run with --release (scripts/bench.sh does)");
+    }
+    let why_not = ksm_unavailable();
+
+    if sweep {
+        return run_sweep(&shape, vms, cfg, batch, huge, interleave, sweep_linux.then_some(()).and(why_not.is_none().then_some(timeout)), &why_not);
+    }
+
+    println!("dedupe benchmark: ours (hvcore page manager + dedupe + EPT, release build, one thread) vs Linux KSM");
+    eprintln!("  read floor ...");
+    let floor = read_floor(shape.pages, huge);
+    eprintln!("  ours ...");
+    let ours = run_ours(&shape, vms, cfg, batch, huge, interleave, false);
+    let lx = if !linux {
+        Err("--no-linux".to_string())
+    } else if let Some(w) = &why_not {
+        Err(format!("Linux KSM not available here: {w}"))
+    } else {
+        eprintln!("  linux-ksm (peer script, builds its image in Python first) ...");
+        run_linux(&shape, timeout)
+    };
+    if let Ok(l) = &lx {
+        for line in l.raw.lines() {
+            println!("  peer> {line}");
+        }
+    }
+    print_side_by_side(&shape, vms, &cfg, &ours, floor, &lx);
+    ExitCode::SUCCESS
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_sweep(base: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bool, interleave: bool, linux: Option<f64>, why_not: &Option<String>) -> ExitCode {
+    println!("dedupe benchmark sweep: ours (hvcore, release, one thread); same fractions at each size");
+    println!(
+        "shape: zero {} dup {} in groups of {}, seed {}, {} VMs; max_page_sharing={} use_zero_pages={}",
+        base.zero, base.dup, base.group, base.seed, vms, cfg.max_page_sharing, cfg.use_zero_pages
+    );
+    match (linux, why_not) {
+        (None, None) => println!("linux-ksm: not run in the sweep (add --sweep-linux)"),
+        (None, Some(w)) => println!("linux-ksm: not available here: {w}"),
+        _ => {}
+    }
+    println!();
+    println!(
+        "{:>9} {:>8} {:>11} {:>11} {:>10} {:>10} {:>9} {:>9} {:>10} {:>10} {:>7}",
+        "pages", "MiB", "cpu_s conv", "cpu_s merg", "ns/page", "floor_s", "x floor", "B/page", "linux_cpu", "ratio", "same"
+    );
+    let mut rows = Vec::new();
+    for pages in [65_536usize, 262_144, 1_048_576] {
+        let shape = Shape { pages, ..*base };
+        eprintln!("  {} MiB: floor ...", shape.mib());
+        let floor = read_floor(pages, huge);
+        eprintln!("  {} MiB: ours ...", shape.mib());
+        let o = run_ours(&shape, vms, cfg, batch, huge, interleave, false);
+        let l = linux.map(|t| {
+            eprintln!("  {} MiB: linux-ksm ...", shape.mib());
+            run_linux(&shape, t)
+        });
+        let ok = o.stats.pages_shared == o.expected.0 && o.stats.pages_sharing == o.expected.1 && o.stats.zero_pages == o.expected.2;
+        let (lcpu, ratio, same) = match &l {
+            Some(Ok(l)) => (
+                format!("{:.2}", l.cpu),
+                format!("{:.3}", o.converged.cpu / l.cpu),
+                if l.shared == o.stats.pages_shared && l.sharing == o.stats.pages_sharing { "yes" } else { "NO" }.to_string(),
+            ),
+            Some(Err(e)) => {
+                eprintln!("linux-ksm failed: {e}");
+                ("err".into(), "-".into(), "-".into())
+            }
+            None => ("-".into(), "-".into(), if ok { "exp" } else { "NOT exp" }.into()),
+        };
+        println!(
+            "{:>9} {:>8.0} {:>11.3} {:>11.3} {:>10.0} {:>10.3} {:>9.1} {:>9.1} {:>10} {:>10} {:>7}",
+            pages,
+            shape.mib(),
+            o.converged.cpu,
+            o.merged.cpu,
+            o.converged.cpu * 1e9 / pages as f64,
+            floor,
+            o.converged.cpu / floor,
+            per_page(o.entry_bytes + o.index_peak, pages),
+            lcpu,
+            ratio,
+            same
+        );
+        rows.push((pages, o.converged.cpu));
+    }
+    let (p0, t0) = rows[0];
+    println!();
+    for &(p, t) in &rows[1..] {
+        println!(
+            "growth {} -> {} pages ({:.0}x): CPU {:.2}x (linear = {:.0}x)",
+            p0,
+            p,
+            p as f64 / p0 as f64,
+            t / t0,
+            p as f64 / p0 as f64
+        );
+    }
+    println!("('same': outcome equal to Linux's; 'exp': equal to the expected counts, Linux not run)");
+    ExitCode::SUCCESS
+}

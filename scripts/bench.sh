@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The dedupe benchmark: hvcore's page manager + dedupe + EPT code on an
+# arena-backed image of guest memory, against Linux KSM on the same shape
+# (../shared/peers/linux_ksm_bench.py, when /sys/kernel/mm/ksm is writable:
+# root and CONFIG_KSM), plus a one-pass memory read as the floor. Prints a
+# table. Options go to the benchmark (see --help), e.g.
+#   bash scripts/bench.sh                                  # 1 GiB, default shape
+#   bash scripts/bench.sh --dup 0.9 --group 2 --zero 0     # 90% pairs
+#   bash scripts/bench.sh --sweep                          # 256 MiB, 1 GiB, 4 GiB
+# See docs/dedupe-performance.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh >&2
+exec cargo run --quiet --release -p boot --bin dedupe-bench -- "$@"
