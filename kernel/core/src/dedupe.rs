@@ -121,161 +121,6 @@ impl Hasher for KeyHasher {
 
 type KeyBuild = BuildHasherDefault<KeyHasher>;
 
-/// The content hash of a page: exactly `xxhash_rust::xxh3::xxh3_64` of its
-/// 4096 bytes (index key and checksum). On a host x86-64 CPU with AVX2 it
-/// runs an AVX2 version of the same function, picked at run time (the
-/// `xxhash-rust` crate picks its SIMD width at compile time, and the
-/// baseline x86-64 target only has SSE2); elsewhere, and always in the
-/// bare-metal kernel (`target_os = "none"`, which must not touch vector
-/// state it does not save), it calls the crate.
-pub mod page_hash {
-    use crate::phys::PAGE_SIZE;
-
-    /// Which version [`hash`] runs on this CPU ("avx2" or "xxhash-rust").
-    pub fn implementation() -> &'static str {
-        #[cfg(all(target_arch = "x86_64", not(target_os = "none")))]
-        if avx2::available() {
-            return "avx2";
-        }
-        "xxhash-rust"
-    }
-
-    pub fn hash(page: &[u8; PAGE_SIZE]) -> u64 {
-        #[cfg(all(target_arch = "x86_64", not(target_os = "none")))]
-        if avx2::available() {
-            // SAFETY: the CPU and the OS support AVX2 (checked above).
-            return unsafe { avx2::hash(page) };
-        }
-        xxhash_rust::xxh3::xxh3_64(page)
-    }
-
-    #[cfg(all(target_arch = "x86_64", not(target_os = "none")))]
-    mod avx2 {
-        use crate::phys::PAGE_SIZE;
-        use core::arch::x86_64::*;
-        use core::sync::atomic::{AtomicU8, Ordering};
-
-        /// xxh3's default secret.
-        const SECRET: [u8; 192] = [
-    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
-    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
-    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
-    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
-    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
-    0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
-    0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
-    0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
-    0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb, 0xc3, 0xc5, 0x81, 0xa0, 0xff, 0xfa, 0x13, 0x63, 0xeb,
-    0x17, 0x0d, 0xdd, 0x51, 0xb7, 0xf0, 0xda, 0x49, 0xd3, 0x16, 0x55, 0x26, 0x29, 0xd4, 0x68, 0x9e,
-    0x2b, 0x16, 0xbe, 0x58, 0x7d, 0x47, 0xa1, 0xfc, 0x8f, 0xf8, 0xb8, 0xd1, 0x7a, 0xd0, 0x31, 0xce,
-    0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
-];
-        const P32_1: u64 = 0x9E37_79B1;
-        const P32_2: u64 = 0x85EB_CA77;
-        const P32_3: u64 = 0xC2B2_AE3D;
-        const P64_1: u64 = 0x9E37_79B1_85EB_CA87;
-        const P64_2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-        const P64_3: u64 = 0x1656_67B1_9E37_79F9;
-        const P64_4: u64 = 0x85EB_CA77_C2B2_AE63;
-        const P64_5: u64 = 0x27D4_EB2F_1656_67C5;
-
-        static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
-
-        pub fn available() -> bool {
-            match STATE.load(Ordering::Relaxed) {
-                2 => true,
-                1 => false,
-                _ => {
-                    let yes = detect();
-                    STATE.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-                    yes
-                }
-            }
-        }
-
-        fn detect() -> bool {
-            // SAFETY: CPUID exists on every x86-64 CPU; XGETBV only runs
-            // when CPUID says the OS enabled it (OSXSAVE).
-            unsafe {
-                let l1 = __cpuid(1);
-                let (osxsave, avx) = (l1.ecx & (1 << 27) != 0, l1.ecx & (1 << 28) != 0);
-                if !osxsave || !avx || __cpuid(0).eax < 7 {
-                    return false;
-                }
-                // XCR0: SSE and AVX state saved by the OS.
-                if xcr0() & 6 != 6 {
-                    return false;
-                }
-                __cpuid_count(7, 0).ebx & (1 << 5) != 0
-            }
-        }
-
-        #[target_feature(enable = "xsave")]
-        unsafe fn xcr0() -> u64 {
-            _xgetbv(0)
-        }
-
-        /// xxh3_64 of a 4096-byte input (the long-input path: three
-        /// 1024-byte blocks of 16 stripes, each followed by a scramble, 15
-        /// stripes of the last block, the last 64 bytes, the merge).
-        #[target_feature(enable = "avx2")]
-        pub unsafe fn hash(page: &[u8; PAGE_SIZE]) -> u64 {
-            let p = page.as_ptr();
-            let s = SECRET.as_ptr();
-            let mut a0 = _mm256_setr_epi64x(P32_3 as i64, P64_1 as i64, P64_2 as i64, P64_3 as i64);
-            let mut a1 = _mm256_setr_epi64x(P64_4 as i64, P32_2 as i64, P64_5 as i64, P32_1 as i64);
-            macro_rules! stripe {
-                ($input:expr, $secret:expr) => {{
-                    let (i, k) = ($input, $secret);
-                    let d0 = _mm256_loadu_si256(i as *const __m256i);
-                    let d1 = _mm256_loadu_si256(i.add(32) as *const __m256i);
-                    let k0 = _mm256_xor_si256(d0, _mm256_loadu_si256(k as *const __m256i));
-                    let k1 = _mm256_xor_si256(d1, _mm256_loadu_si256(k.add(32) as *const __m256i));
-                    let p0 = _mm256_mul_epu32(k0, _mm256_srli_epi64(k0, 32));
-                    let p1 = _mm256_mul_epu32(k1, _mm256_srli_epi64(k1, 32));
-                    a0 = _mm256_add_epi64(_mm256_add_epi64(a0, _mm256_shuffle_epi32(d0, 0x4e)), p0);
-                    a1 = _mm256_add_epi64(_mm256_add_epi64(a1, _mm256_shuffle_epi32(d1, 0x4e)), p1);
-                }};
-            }
-            macro_rules! scramble {
-                ($a:ident, $k:expr) => {{
-                    let prime = _mm256_set1_epi32(P32_1 as i32);
-                    let x = _mm256_xor_si256(_mm256_xor_si256($a, _mm256_srli_epi64($a, 47)), _mm256_loadu_si256($k as *const __m256i));
-                    let lo = _mm256_mul_epu32(x, prime);
-                    let hi = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), prime);
-                    $a = _mm256_add_epi64(lo, _mm256_slli_epi64(hi, 32));
-                }};
-            }
-            unsafe {
-                for b in 0..3 {
-                    for st in 0..16 {
-                        stripe!(p.add(b * 1024 + st * 64), s.add(st * 8));
-                    }
-                    scramble!(a0, s.add(128));
-                    scramble!(a1, s.add(160));
-                }
-                for st in 0..15 {
-                    stripe!(p.add(3072 + st * 64), s.add(st * 8));
-                }
-                stripe!(p.add(PAGE_SIZE - 64), s.add(192 - 64 - 7));
-                let mut acc = [0u64; 8];
-                _mm256_storeu_si256(acc.as_mut_ptr() as *mut __m256i, a0);
-                _mm256_storeu_si256(acc.as_mut_ptr().add(4) as *mut __m256i, a1);
-                let key = |off: usize| u64::from_le_bytes(SECRET[off..off + 8].try_into().unwrap());
-                let mut h = (PAGE_SIZE as u64).wrapping_mul(P64_1);
-                for i in 0..4 {
-                    let x = (acc[2 * i] ^ key(11 + 16 * i)) as u128 * (acc[2 * i + 1] ^ key(11 + 16 * i + 8)) as u128;
-                    h = h.wrapping_add(x as u64 ^ (x >> 64) as u64);
-                }
-                h ^= h >> 37;
-                h = h.wrapping_mul(0x1656_6791_9E37_79F9);
-                h ^ (h >> 32)
-            }
-        }
-    }
-}
-
-
 const NIL: u32 = u32::MAX;
 
 /// A merged frame (KSM's stable node). 24 bytes.
@@ -337,7 +182,7 @@ impl Ksm {
             stable_index: HashMap::default(),
             unstable: HashMap::default(),
             zero_frames: Vec::new(),
-            zero_hash: page_hash::hash(&[0u8; PAGE_SIZE]),
+            zero_hash: xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]),
             cursor: (0, 0, 0),
             visited_this_pass: 0,
             pass: PassStats::default(),
@@ -650,7 +495,7 @@ fn scan_one<P: PhysMem, S: Stage2>(
         return 0;
     }
     e.flags &= !F_UNSTABLE; // it left last pass's unstable index
-    let hash = page_hash::hash(mem.page(e.pa()));
+    let hash = xxhash_rust::xxh3::xxh3_64(mem.page(e.pa()));
     let key = key_of(hash, domain);
 
     // 1. A merged frame with this content and room for one more.
@@ -731,40 +576,4 @@ fn valid_twin<S: Stage2>(
     let e = v.slots[si].pages[pi];
     let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags & (F_SHARED | F_CSUM) == F_CSUM && e.aux == sum;
     ok.then_some((qvi, si, pi))
-}
-
-#[cfg(test)]
-mod page_hash_tests {
-    use super::page_hash;
-    use crate::phys::PAGE_SIZE;
-
-    /// The page hash is xxh3_64, bit for bit, whichever path runs.
-    #[test]
-    fn page_hash_is_xxh3_64() {
-        let mut page = [0u8; PAGE_SIZE];
-        assert_eq!(page_hash::hash(&page), xxhash_rust::xxh3::xxh3_64(&page));
-        let mut x = 0x1234_5678_9abc_def0u64;
-        for round in 0..2000 {
-            for (i, b) in page.iter_mut().enumerate() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = match round % 4 {
-                    0 => x as u8,
-                    1 => (i % 251) as u8 ^ round as u8,
-                    2 => if x % 97 == 0 { x as u8 } else { 0 },
-                    _ => 0xff ^ (x >> 60) as u8,
-                };
-            }
-            assert_eq!(page_hash::hash(&page), xxhash_rust::xxh3::xxh3_64(&page), "round {round}");
-            // One bit anywhere changes it the same way.
-            let bit = (x as usize) % (PAGE_SIZE * 8);
-            page[bit / 8] ^= 1 << (bit % 8);
-            assert_eq!(page_hash::hash(&page), xxhash_rust::xxh3::xxh3_64(&page), "round {round} flipped");
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            assert_eq!(page_hash::implementation(), "avx2", "the AVX2 path is the one tested here");
-        }
-    }
 }
