@@ -1,4 +1,4 @@
-//! `scripts/bench.sh` (= `cargo run --release -p boot --bin dedupe-bench --`):
+//! `scripts/bench.sh` (= `cargo run --release -p hvcore --example dedupe-bench --`):
 //! the project's dedupe engine against Linux KSM, side by side in one run.
 //!
 //! Ours: hvcore's real page manager, dedupe scanner, notifier and EPT
@@ -491,7 +491,16 @@ fn print_side_by_side(shape: &Shape, vms: usize, cfg: &DedupeConfig, o: &Ours, f
         cfg.use_zero_pages,
         std::fs::read_to_string("/sys/kernel/mm/ksm/max_page_sharing").map(|s| s.trim().to_string()).unwrap_or("?".into())
     );
-    println!("ours: page hash xxh3-64 via {}", hvcore::dedupe::page_hash::implementation());
+    // xxhash-rust picks its SIMD at compile time: scripts/bench.sh builds
+    // with -C target-cpu=native, so on an AVX2 host this is its AVX2 path.
+    let simd = if cfg!(target_feature = "avx512f") {
+        "avx512"
+    } else if cfg!(target_feature = "avx2") {
+        "avx2"
+    } else {
+        "sse2"
+    };
+    println!("ours: page hash xxh3-64 (xxhash-rust, {simd} build)");
     println!();
     let l = linux.as_ref().ok();
     let col = |f: &dyn Fn(&Linux) -> String| l.map(f).unwrap_or_else(|| "-".into());
@@ -597,7 +606,7 @@ fn print_side_by_side(shape: &Shape, vms: usize, cfg: &DedupeConfig, o: &Ours, f
 
 const USAGE: &str = "\
 usage: scripts/bench.sh [options]
-       cargo run --release -p boot --bin dedupe-bench -- [options]
+       cargo run --release -p hvcore --example dedupe-bench -- [options]
 
 Workload (the flags of ../shared/peers/linux_ksm_bench.py):
   --pages N         total 4 KiB pages (default 262144 = 1 GiB)
