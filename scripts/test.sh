@@ -14,6 +14,7 @@ ok()  { passed=$((passed + 1)); echo "PASS: $*"; }
 bad() { failed=$((failed + 1)); echo "FAIL: $*"; }
 
 # --- host-side unit tests (hvcore, boot) ----------------------------------
+mkdir -p target   # a fresh clone has none yet; logs go there
 echo "== cargo test (host) =="
 if cargo test 2>&1 | tee target/cargo-test.log | grep -E '^test result|FAILED|panicked'; then :; fi
 if [ "${PIPESTATUS[0]}" = 0 ] && grep -q '^test result: ok' target/cargo-test.log; then
