@@ -11,10 +11,15 @@
 //!    a match is write-protected and compared, and both pages become one
 //!    new merged frame (the older page's frame is kept).
 //!
-//! Every merge is two notifier brackets per page: write-protect (start /
-//! end), then replace (start with a `Change` event / change_pte / end);
-//! the old frame is freed after the end. The unstable index is emptied
-//! at the start of each pass, as KSM rebuilds its unstable tree.
+//! Every merge is one notifier bracket per merged page: start with a
+//! `Change` event (which write-protects the entry), the byte compare,
+//! change_pte only if equal, end; the old frame is freed after the end.
+//! A failed compare ends the bracket without change_pte and leaves the
+//! entry write-protected (the guest's next write faults and gets it back
+//! writable). A new merged frame from two unstable pages also
+//! write-protects the twin whose frame it keeps (one WriteProtect
+//! bracket). The unstable index is emptied at the start of each pass, as
+//! KSM rebuilds its unstable tree.
 //!
 //! Who may share with whom is [`SharingPolicy`]; pages of different
 //! sharing domains never meet, because the domain is mixed into the
@@ -303,33 +308,29 @@ fn write_protect<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, mm
     mmu.invalidate_range_end(r);
 }
 
-/// Maps the page to merged frame `id` (start(change) / change_pte / end),
-/// then frees its old frame.
-fn replace<P: PhysMem, S: Stage2>(
-    mem: &P,
-    frames: &mut FrameAllocator,
-    ksm: &mut Ksm,
-    v: &mut Vm<S>,
-    si: usize,
-    pi: usize,
-    id: u32,
-) {
+/// Inside a `Change` bracket of the page: points it at merged frame `id`
+/// with change_pte. Returns its old frame, which the caller frees after
+/// the bracket's end (the end flushes the TLB first).
+fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, si: usize, pi: usize, id: u32) -> PhysAddr {
     let old = v.slots[si].pages[pi];
     let gfn = v.slots[si].base_gfn + pi as u64;
     let target = ksm.frame_of(id);
-    let r = GfnRange::one(gfn);
-    v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
     v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id, flags: F_SHARED };
-    v.mmu.invalidate_range_end(r);
-    frames.free(old.pa()).expect("a private guest frame is ours");
     ksm.stable[id as usize].sharers += 1;
     ksm.merges += 1;
+    old.pa()
 }
 
-/// Write-protects the page, compares it with merged frame `id` and merges
-/// it if equal.
-fn merge_into<P: PhysMem, S: Stage2>(
+/// Merges the page into merged frame `id` if their bytes are equal, in one
+/// notifier bracket: start(Change) write-protects the entry (zaps it with
+/// `notifier=linux-zap`), the byte compare runs on the protected page,
+/// change_pte installs the merged frame only if equal, and the end closes
+/// the bracket either way. After a failed compare the entry stays
+/// write-protected: the guest's next write takes a write-protect EPT
+/// violation, which the page manager resolves by mapping the page writable
+/// again (counted in `write_protected`).
+pub(crate) fn merge_into<P: PhysMem, S: Stage2>(
     mem: &P,
     frames: &mut FrameAllocator,
     ksm: &mut Ksm,
@@ -338,16 +339,17 @@ fn merge_into<P: PhysMem, S: Stage2>(
     pi: usize,
     id: u32,
 ) -> bool {
-    let gfn = v.slots[si].base_gfn + pi as u64;
-    write_protect(mem, frames, &v.mmu, gfn);
+    let r = GfnRange::one(v.slots[si].base_gfn + pi as u64);
+    v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     let page = mem.page(v.slots[si].pages[pi].pa());
     let equal = if ksm.stable[id as usize].zero { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
-    if !equal {
-        ksm.mismatches += 1;
-        return false;
+    let old = equal.then(|| install_merged(mem, ksm, v, si, pi, id));
+    v.mmu.invalidate_range_end(r);
+    match old {
+        Some(old) => frames.free(old).expect("a private guest frame is ours"),
+        None => ksm.mismatches += 1,
     }
-    replace(mem, frames, ksm, v, si, pi, id);
-    true
+    equal
 }
 
 impl<P: PhysMem, S: Stage2> PageManager<P, S> {
@@ -538,23 +540,29 @@ fn scan_one<P: PhysMem, S: Stage2>(
         vms[vi].as_mut().unwrap().slots[si].pages[pi].flags |= F_UNSTABLE;
         return 0;
     };
+    // The twin's frame becomes the merged frame: it is only write-protected
+    // (its own bracket; its translation stays, read-only). This page gets
+    // one Change bracket around the compare, as in `merge_into`.
     let qgfn = vms[qvi].as_ref().unwrap().slots[qsi].base_gfn + qpi as u64;
     write_protect(mem, frames, &vms[qvi].as_ref().unwrap().mmu, qgfn);
-    write_protect(mem, frames, &vms[vi].as_ref().unwrap().mmu, gfn);
+    let r = GfnRange::one(gfn);
+    vms[vi].as_ref().unwrap().mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     let qe = vms[qvi].as_ref().unwrap().slots[qsi].pages[qpi];
     let pe = vms[vi].as_ref().unwrap().slots[si].pages[pi];
     if mem.page(qe.pa()) != mem.page(pe.pa()) {
+        vms[vi].as_ref().unwrap().mmu.invalidate_range_end(r);
         ksm.mismatches += 1;
         return 0;
     }
-    // The twin's frame becomes the merged frame; its translation is
-    // already read-only and stays.
     ksm.unstable.remove(&key);
     let id = ksm.new_stable(qe.frame, key);
     ksm.stable[id as usize].sharers = 1;
     ksm.merges += 1;
     vms[qvi].as_mut().unwrap().slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id, flags: F_SHARED };
-    replace(mem, frames, ksm, vms[vi].as_mut().unwrap(), si, pi, id);
+    let v = vms[vi].as_mut().unwrap();
+    let old = install_merged(mem, ksm, v, si, pi, id);
+    v.mmu.invalidate_range_end(r);
+    frames.free(old).expect("a private guest frame is ours");
     ksm.pass.merged += 2;
     2
 }

@@ -341,3 +341,84 @@ fn merge_1gib_timing() {
         );
     }
 }
+
+#[test]
+fn one_change_bracket_per_merge() {
+    let mut pm = pm(128, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[7, 7, 7]);
+    pm.scan(3); // checksums only
+    let before = pm.vm_stats(v).unwrap().1;
+    // Page 0 waits in the unstable index, page 1 pairs with it (the twin is
+    // write-protected, page 1 is merged in one Change bracket), page 2
+    // joins the new merged frame (one Change bracket).
+    pm.scan(3);
+    let after = pm.vm_stats(v).unwrap().1;
+    assert_eq!(pm.ksm_stats().merges, 3);
+    assert_eq!(after.invalidate_range_start - before.invalidate_range_start, 3);
+    assert_eq!(after.invalidate_range_end - before.invalidate_range_end, 3);
+    assert_eq!(after.change_pte - before.change_pte, 2);
+    assert_eq!(after.change_pte_installed - before.change_pte_installed, 2);
+    assert_eq!(after.warnings, 0);
+}
+
+#[test]
+fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
+    for mode in [NotifierMode::ChangePte, NotifierMode::LinuxZap] {
+        let mut pm = pm(128, DedupeConfig::default());
+        let (v, _) = vm(&mut pm, 3, true, mode, None);
+        let mut g = fill(&mut pm, v, &[7, 7, 9]);
+        scan_until_converged(&mut pm);
+        let id = {
+            let vm = pm.vm(v).unwrap();
+            assert!(vm.slots[0].pages[0].shared());
+            vm.slots[0].pages[0].aux
+        };
+        let own = pm.backing_frame(v, gpa(2)).unwrap();
+        let before = pm.vm_stats(v).unwrap().1;
+        // Page 2 (all 9s) against the merged frame of 7s, as after a hash
+        // collision: the compare fails inside the Change bracket.
+        {
+            let PageManager { mem, frames, vms, ksm, .. } = &mut pm;
+            let vm = vms[v.0 as usize].as_mut().unwrap();
+            assert!(!crate::dedupe::merge_into(mem, frames, ksm, vm, 0, 2, id));
+        }
+        let after = pm.vm_stats(v).unwrap().1;
+        assert_eq!(after.invalidate_range_start - before.invalidate_range_start, 1);
+        assert_eq!(after.invalidate_range_end - before.invalidate_range_end, 1);
+        assert_eq!(after.change_pte, before.change_pte, "no change_pte without a match");
+        assert_eq!(pm.mmu(v).unwrap().invalidate_in_progress(), 0);
+        assert_eq!(pm.mmu(v).unwrap().invalidate_seq(), after.invalidate_range_end);
+        assert_eq!(pm.ksm_stats().compare_mismatches, 1);
+        assert!(!pm.is_merged(v, gpa(2)));
+        assert_eq!(pm.backing_frame(v, gpa(2)), Some(own));
+        match pm.mmu(v).unwrap().lookup(pm.mem(), gpa(2) >> 12) {
+            Some(l) => assert_eq!((l.hpa, l.perms), (own, Perms::RX), "write-protected, same frame"),
+            None => assert_eq!(mode, NotifierMode::LinuxZap, "only Linux's mode zaps"),
+        }
+        // Ours: the guest reads without a fault, and its write takes one
+        // write-protect violation that maps the page writable again.
+        // Linux's mode: the read faults the page back in (writable).
+        let mut b = [0u8; 1];
+        let faults = g.violations;
+        g.read(&mut pm, gpa(2), &mut b).unwrap();
+        assert_eq!(b, [9]);
+        let zap = mode == NotifierMode::LinuxZap;
+        assert_eq!(g.violations, faults + zap as u64);
+        let (st0, _) = pm.vm_stats(v).unwrap();
+        let faults = g.violations;
+        g.write(&mut pm, gpa(2), &[1]).unwrap();
+        assert_eq!(g.violations, faults + !zap as u64);
+        let (st1, mmu) = pm.vm_stats(v).unwrap();
+        assert_eq!(st1.write_protected - st0.write_protected, !zap as u64);
+        assert_eq!(st1.cow_breaks, st0.cow_breaks, "a private page: no copy");
+        let l = pm.mmu(v).unwrap().lookup(pm.mem(), gpa(2) >> 12).unwrap();
+        assert_eq!((l.hpa, l.perms), (own, Perms::RWX));
+        assert_eq!(page_bytes(&pm, v, 2)[..2], [1, 9]);
+        assert_eq!(mmu.warnings, 0);
+        pm.check_consistency().unwrap();
+        // The merged pages are untouched.
+        assert_eq!(page_bytes(&pm, v, 0), [7; 4096]);
+        assert_eq!(page_bytes(&pm, v, 1), [7; 4096]);
+    }
+}
