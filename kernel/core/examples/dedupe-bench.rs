@@ -5,9 +5,11 @@
 //! tables over an arena-backed image of guest memory, split over several
 //! VMs (page i of the image belongs to VM i % K, so duplicate groups span
 //! VMs). Every page is written through the page manager and then touched
-//! by a simulated guest, so each page has a live EPT translation that a
-//! merge must write-protect and replace, as in a running guest. Only the
-//! scan loop is timed: CPU time (getrusage) and wall time, one thread.
+//! by a simulated guest with a write access, so each page has a live EPT
+//! translation that a merge must write-protect and replace, and (with
+//! dirty tracking, the default) a set EPT dirty flag, as in a running
+//! guest that wrote its memory. Only the scan loop is timed: CPU time
+//! (getrusage) and wall time, one thread.
 //!
 //! Linux: `../shared/peers/linux_ksm_bench.py` (next to the repository) on
 //! the same shape, when /sys/kernel/mm/ksm is writable (root, CONFIG_KSM).
@@ -248,6 +250,10 @@ struct Ours {
     index_end: usize,
     consistent: Result<(), &'static str>,
     tlb_flushes: u64,
+    /// Looks that kept the stored checksum (dirty flag clear) and dirty
+    /// flags cleared, during the scan.
+    checksums_reused: u64,
+    dirty_cleared: u64,
 }
 
 /// Asks Linux for transparent huge pages behind `len` bytes at `p`.
@@ -287,8 +293,9 @@ fn run_ours(shape: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bo
     let entry_bytes = HEAP.load(Relaxed) - h0;
 
     // The image: page i of it is page i / K of VM i % K. Written through
-    // the page manager, then read once by each VM's guest so the EPT maps
-    // every page (RWX), as for a guest that has been running.
+    // the page manager, then touched once by each VM's guest with a write
+    // access, so the EPT maps every page (RWX) and, with dirty tracking,
+    // its dirty flag is set, as for a guest that has been running.
     let kinds = kinds(shape);
     let mut buf = Box::new([0u8; PAGE_SIZE]);
     let mut guests: Vec<SimGuest> = ids.iter().map(|&id| SimGuest::new(id)).collect();
@@ -309,7 +316,7 @@ fn run_ours(shape: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bo
             Kind::Group(g) => fill_random(&mut buf, content_seed(shape.seed, 2, g as u64)),
         }
         pm.write_gpa(ids[vm], gpa, &buf[..]).expect("write_gpa");
-        guests[vm].translate(&mut pm, gpa, Access::Read).expect("guest touch");
+        guests[vm].translate(&mut pm, gpa, Access::Write).expect("guest touch");
     }
     drop(kinds);
     let build_s = t_build.elapsed().as_secs_f64();
@@ -349,7 +356,8 @@ fn run_ours(shape: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bo
     let index_end = HEAP.load(Relaxed).saturating_sub(heap0);
     let stats = pm.ksm_stats();
     let consistent = pm.check_consistency();
-    let tlb_flushes = pm.stats().mmu.tlb_flushes;
+    let all = pm.stats();
+    let tlb_flushes = all.mmu.tlb_flushes;
     if !quiet {
         eprintln!("  ours: image built in {build_s:.1} s, {passes} passes");
     }
@@ -366,6 +374,8 @@ fn run_ours(shape: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bo
         index_end,
         consistent,
         tlb_flushes,
+        checksums_reused: stats.checksums_reused,
+        dirty_cleared: all.mmu.dirty_cleared,
     }
 }
 
@@ -501,6 +511,14 @@ fn print_side_by_side(shape: &Shape, vms: usize, cfg: &DedupeConfig, o: &Ours, f
         "sse2"
     };
     println!("ours: page hash xxh3-64 (xxhash-rust, {simd} build)");
+    println!(
+        "ours: change tracking: {}",
+        if cfg.track_dirty {
+            "EPT dirty flags (unchanged pages keep their checksum; --no-track-dirty: re-hash every look)"
+        } else {
+            "checksum re-hashed at every look (KSM's rule; --no-track-dirty)"
+        }
+    );
     println!();
     let l = linux.as_ref().ok();
     let col = |f: &dyn Fn(&Linux) -> String| l.map(f).unwrap_or_else(|| "-".into());
@@ -594,6 +612,12 @@ fn print_side_by_side(shape: &Shape, vms: usize, cfg: &DedupeConfig, o: &Ours, f
         o.build_s
     );
     println!(
+        "ours: dirty tracking {}: {} looks kept their checksum, {} dirty flags cleared",
+        if cfg.track_dirty { "on" } else { "off" },
+        o.checksums_reused,
+        o.dirty_cleared
+    );
+    println!(
         "ours: metadata per scanned page: {:.1} B page entries + {:.1} B indexes/stable records at peak ({:.1} B at the end) = {:.1} B (Linux rmap_item alone: 64 B)",
         per_page(o.entry_bytes, shape.pages),
         per_page(o.index_peak, shape.pages),
@@ -626,6 +650,9 @@ Ours:
                     VM's RAM contiguous, as VMs started one after another)
   --use-zero-pages  merge zero pages into a per-domain zero frame (default
                     off, as the peer script sets Linux, so counts match)
+  --no-track-dirty  re-hash every page at every look (KSM's checksum rule)
+                    instead of trusting EPT dirty flags (default: tracking
+                    on, as on a CPU with EPT A/D)
 Linux:
   --no-linux        do not run the peer script
   --timeout S       the peer's timeout (default 300)
@@ -638,7 +665,7 @@ fn main() -> ExitCode {
     let mut shape = Shape { pages: 262_144, zero: 0.25, dup: 0.5, group: 4, seed: 1 };
     let mut vms = 4;
     let mut batch = 4096;
-    let mut cfg = DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: false };
+    let mut cfg = DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: false, track_dirty: true };
     let mut linux = true;
     let mut timeout = 300.0;
     let (mut sweep, mut sweep_linux) = (false, false);
@@ -669,6 +696,7 @@ fn main() -> ExitCode {
             "--batch" => batch = parse!(usize),
             "--max-page-sharing" => cfg.max_page_sharing = parse!(u32),
             "--use-zero-pages" => cfg.use_zero_pages = true,
+            "--no-track-dirty" => cfg.track_dirty = false,
             "--no-linux" => linux = false,
             "--small-pages" => huge = false,
             "--interleave-frames" => interleave = true,
@@ -725,8 +753,8 @@ fn main() -> ExitCode {
 fn run_sweep(base: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bool, interleave: bool, linux: Option<f64>, why_not: &Option<String>) -> ExitCode {
     println!("dedupe benchmark sweep: ours (hvcore, release, one thread); same fractions at each size");
     println!(
-        "shape: zero {} dup {} in groups of {}, seed {}, {} VMs; max_page_sharing={} use_zero_pages={}",
-        base.zero, base.dup, base.group, base.seed, vms, cfg.max_page_sharing, cfg.use_zero_pages
+        "shape: zero {} dup {} in groups of {}, seed {}, {} VMs; max_page_sharing={} use_zero_pages={} track_dirty={}",
+        base.zero, base.dup, base.group, base.seed, vms, cfg.max_page_sharing, cfg.use_zero_pages, cfg.track_dirty
     );
     match (linux, why_not) {
         (None, None) => println!("linux-ksm: not run in the sweep (add --sweep-linux)"),

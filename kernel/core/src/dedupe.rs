@@ -5,7 +5,9 @@
 //! 1. the stable index (merged frames, by content hash): a match with room
 //!    for one more sharer is write-protected, byte-compared and merged;
 //! 2. a page whose checksum changed since the last look is volatile and
-//!    waits for the next pass;
+//!    waits for the next pass (with [`DedupeConfig::track_dirty`], a page
+//!    whose EPT dirty flag stayed clear since the last look keeps its
+//!    checksum without being hashed again);
 //! 3. an all-zero page goes to its domain's zero frame;
 //! 4. the unstable index (unchanged pages of this pass, by content hash):
 //!    a match is write-protected and compared, and both pages become one
@@ -25,14 +27,14 @@
 //! sharing domains never meet, because the domain is mixed into the
 //! index key and checked on every match.
 //!
-//! Memory: 12 bytes per guest page in the page manager (frame, checksum or
-//! stable index, flags); while a page is in the unstable index, one more
+//! Memory: 16 bytes per guest page in the page manager (frame, 64-bit
+//! checksum or stable index, flags); while a page is in the unstable index, one more
 //! 16-byte map entry; per merged frame one 24-byte record and one map
 //! entry.
 
 use crate::frame::FrameAllocator;
 use crate::mmu_notifier::{GfnRange, InvalidateEvent, Mmu};
-use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SHARED, F_UNSTABLE, NO_FRAME};
+use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SHARED, F_TRACKED, F_UNSTABLE, NO_FRAME};
 use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
 use crate::stage2::{Perms, Stage2};
 use crate::stats::KsmStats;
@@ -79,11 +81,20 @@ pub struct DedupeConfig {
     /// (Linux's `use_zero_pages`, counted in `zero_pages`). Off: they merge
     /// like any other content.
     pub use_zero_pages: bool,
+    /// Change tracking with EPT dirty flags instead of re-hashing (DESIGN.md
+    /// "Dedupe"): the VMs' tables keep accessed/dirty flags (SDM 29.3.5),
+    /// and a page whose translation is present and not dirty since the
+    /// scanner last looked keeps its stored checksum without being hashed
+    /// again. Turn on only when the CPU has EPT A/D
+    /// (`vmx::caps::ept_cap::ACCESSED_DIRTY`) and the VMCS gets
+    /// `mmu.eptp(mmu.accessed_dirty())`; off, every look hashes the page
+    /// (KSM's checksum rule). Same merges either way.
+    pub track_dirty: bool,
 }
 
 impl Default for DedupeConfig {
     fn default() -> Self {
-        DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: true }
+        DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: true, track_dirty: false }
     }
 }
 
@@ -163,6 +174,8 @@ pub(crate) struct Ksm {
     merges: u64,
     mismatches: u64,
     scanned: u64,
+    /// Looks that reused the stored checksum (dirty flag clear).
+    checksums_reused: u64,
 }
 
 fn key_of(hash: u64, domain: u32) -> u64 {
@@ -196,6 +209,7 @@ impl Ksm {
             merges: 0,
             mismatches: 0,
             scanned: 0,
+            checksums_reused: 0,
         }
     }
 
@@ -316,7 +330,7 @@ fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, 
     let gfn = v.slots[si].base_gfn + pi as u64;
     let target = ksm.frame_of(id);
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
-    v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id, flags: F_SHARED };
+    v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id as u64, flags: F_SHARED };
     ksm.stable[id as usize].sharers += 1;
     ksm.merges += 1;
     old.pa()
@@ -370,6 +384,19 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             // Move on now, so a pass ends with its last page.
             next_page(ksm, vms, &mut res);
         }
+        // Dirty tracking: `scan_one` cleared the dirty flag of each page it
+        // looked at. A translation the guest's TLB cached while the flag
+        // was set lets later writes go by without setting it again (SDM
+        // 29.4.3.4), so each VM whose flags were cleared gets one INVEPT
+        // here, for the whole batch, before its guest runs again. No guest
+        // write can fall between a clear and this flush: the guests do not
+        // run while the page manager is borrowed for `scan`. Every write
+        // after the flush sets the flag, so the next look sees it. (Were
+        // vCPUs to run during a scan, each page would need clear, flush,
+        // then hash, in that order.)
+        for v in vms.iter().flatten().filter(|v| v.track_dirty) {
+            v.mmu.flush_cleared_dirty();
+        }
         res
     }
 
@@ -391,6 +418,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             merges: k.merges,
             compare_mismatches: k.mismatches,
             pages_scanned: k.scanned,
+            checksums_reused: k.checksums_reused,
             ..KsmStats::default()
         };
         for f in k.stable.iter().filter(|f| f.live) {
@@ -424,6 +452,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
                 for e in &slot.pages {
                     if e.shared() {
                         let f = self.ksm.stable.get(e.aux as usize).ok_or("bad stable index")?;
+                        if e.flags & F_TRACKED != 0 {
+                            return Err("merged page with a tracked checksum");
+                        }
                         if !f.live || f.frame != e.frame {
                             return Err("page mapped to a dead or different merged frame");
                         }
@@ -492,12 +523,32 @@ fn scan_one<P: PhysMem, S: Stage2>(
     let v = vms[vi].as_mut().expect("scanned VM exists");
     let domain = v.domain.expect("scanned VM merges");
     let gfn = v.slots[si].base_gfn + pi as u64;
-    let e = &mut v.slots[si].pages[pi];
+    let e = v.slots[si].pages[pi];
     if e.frame == NO_FRAME || e.shared() {
         return 0;
     }
+    // Dirty tracking: Some(false) if the EPT maps the page and the guest
+    // has not written it since the flag was last cleared; the flag is
+    // clear now either way (flushed at the end of `scan`). None: not
+    // mapped (or no tracking), so nothing tells whether it changed.
+    let dirty = if v.track_dirty { v.mmu.test_and_clear_dirty(mem, gfn) } else { None };
+    let e = &mut v.slots[si].pages[pi];
     e.flags &= !F_UNSTABLE; // it left last pass's unstable index
-    let hash = xxhash_rust::xxh3::xxh3_64(mem.page(e.pa()));
+    let tracked = F_CSUM | F_TRACKED;
+    let hash = if dirty == Some(false) && e.flags & tracked == tracked {
+        // Unchanged since the checksum was taken: it still holds.
+        ksm.checksums_reused += 1;
+        e.aux
+    } else {
+        xxhash_rust::xxh3::xxh3_64(mem.page(e.pa()))
+    };
+    // From now on the checksum (kept or stored below) is the content the
+    // page has while its dirty flag stays clear, if it has one.
+    if dirty.is_some() {
+        e.flags |= F_TRACKED;
+    } else {
+        e.flags &= !F_TRACKED;
+    }
     let key = key_of(hash, domain);
 
     // 1. A merged frame with this content and room for one more.
@@ -509,7 +560,7 @@ fn scan_one<P: PhysMem, S: Stage2>(
     }
     // 2. Changed since the last look: not a candidate yet.
     let e = &mut v.slots[si].pages[pi];
-    let sum = hash as u32;
+    let sum = hash;
     if e.flags & F_CSUM == 0 || e.aux != sum {
         e.aux = sum;
         e.flags |= F_CSUM;
@@ -558,7 +609,7 @@ fn scan_one<P: PhysMem, S: Stage2>(
     let id = ksm.new_stable(qe.frame, key);
     ksm.stable[id as usize].sharers = 1;
     ksm.merges += 1;
-    vms[qvi].as_mut().unwrap().slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id, flags: F_SHARED };
+    vms[qvi].as_mut().unwrap().slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id as u64, flags: F_SHARED };
     let v = vms[vi].as_mut().unwrap();
     let old = install_merged(mem, ksm, v, si, pi, id);
     v.mmu.invalidate_range_end(r);
@@ -573,7 +624,7 @@ fn valid_twin<S: Stage2>(
     vms: &[Option<crate::page_manager::Vm<S>>],
     q: u64,
     domain: u32,
-    sum: u32,
+    sum: u64,
 ) -> Option<(usize, usize, usize)> {
     let qvi = (q >> 40) as usize;
     let v = vms.get(qvi)?.as_ref()?;

@@ -139,6 +139,8 @@ impl RangeOp {
 pub struct EptTables {
     pml4: PhysAddr,
     tables: usize,
+    /// The EPTP enables accessed/dirty flags (bit 6, SDM 29.3.5).
+    accessed_dirty: bool,
 }
 
 impl EptTables {
@@ -296,7 +298,7 @@ impl EptTables {
 
 impl Stage2 for EptTables {
     fn new<M: PhysMem>(mem: &M, frames: &mut FrameAllocator) -> Result<Self, MapError> {
-        let mut t = EptTables { pml4: PhysAddr(0), tables: 0 };
+        let mut t = EptTables { pml4: PhysAddr(0), tables: 0, accessed_dirty: false };
         t.pml4 = t.alloc_table(mem, frames)?;
         Ok(t)
     }
@@ -316,8 +318,15 @@ impl Stage2 for EptTables {
             return Err(MapError::Unaligned);
         }
         let old = self.lookup(mem, gpa);
+        // The same frame again (rights given back after a write-protect
+        // fault): keep its accessed and dirty flags, so a guest write the
+        // dirty flag recorded is not forgotten.
+        let keep = match self.raw_entry(mem, gpa) {
+            Some((e, 1)) if e & ADDR_MASK == hpa.0 => e & (EptFlags::ACCESSED | EptFlags::DIRTY).bits(),
+            _ => 0,
+        };
         let t = self.walk_create(mem, frames, gpa, 1)?;
-        mem.table_mut(t)[index(gpa, 1)] = leaf_entry(hpa, perms, false);
+        mem.table_mut(t)[index(gpa, 1)] = leaf_entry(hpa, perms, false) | keep;
         Ok(old)
     }
 
@@ -388,6 +397,76 @@ impl Stage2 for EptTables {
         let (e, level) = self.raw_entry(mem, gpa)?;
         let offset = gpa & (span(level) - 1) & !(span(1) - 1);
         Some(Leaf { hpa: PhysAddr((e & ADDR_MASK) + offset), perms: perms_of(e), size: span(level) })
+    }
+
+    fn enable_accessed_dirty(&mut self) -> bool {
+        self.accessed_dirty = true;
+        true
+    }
+
+    fn accessed_dirty(&self) -> bool {
+        self.accessed_dirty
+    }
+
+    /// SDM 29.3.5: with EPTP bit 6 set, the processor sets bit 9 (dirty)
+    /// of the leaf that maps a page on every guest write to it. Software
+    /// may clear it, but a translation cached in the TLB with the flag set
+    /// lets later writes go by without setting it again, so the caller
+    /// must INVEPT (single-context) before it relies on the flag (SDM
+    /// 29.4.3.4, "clearing bit 9 ... if accessed and dirty flags for EPT
+    /// will be enabled").
+    fn test_and_clear_dirty<M: PhysMem>(&mut self, mem: &M, gpa: u64) -> Option<bool> {
+        if !self.accessed_dirty || gpa >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.pml4;
+        for level in (2..=4).rev() {
+            let e = mem.table_mut(table)[index(gpa, level)];
+            if !present(e) || is_leaf(e, level) {
+                return None; // absent, or a large page: no per-page flag
+            }
+            table = PhysAddr(e & ADDR_MASK);
+        }
+        let slot = &mut mem.table_mut(table)[index(gpa, 1)];
+        if !present(*slot) {
+            return None;
+        }
+        let dirty = *slot & EptFlags::DIRTY.bits() != 0;
+        if dirty {
+            // A locked AND, as the processor sets the flags with locked
+            // operations (SDM 29.3.5) and a plain store could lose one set
+            // by a vCPU running at the same time.
+            // SAFETY: `slot` is a valid, aligned u64 of a table we own.
+            let a = unsafe { &*(slot as *mut u64 as *const core::sync::atomic::AtomicU64) };
+            a.fetch_and(!EptFlags::DIRTY.bits(), core::sync::atomic::Ordering::SeqCst);
+        }
+        Some(dirty)
+    }
+
+    /// SDM 29.3.5: the accessed flag of every entry used by the walk, and
+    /// for a write the dirty flag of the entry that maps the page.
+    fn hw_access<M: PhysMem>(&mut self, mem: &M, gpa: u64, write: bool) -> bool {
+        if !self.accessed_dirty || gpa >= GPA_LIMIT {
+            return false;
+        }
+        let mut table = self.pml4;
+        for level in (1..=4).rev() {
+            let t = mem.table_mut(table);
+            let i = index(gpa, level);
+            let e = t[i];
+            if !present(e) {
+                return false;
+            }
+            t[i] |= EptFlags::ACCESSED.bits();
+            if is_leaf(e, level) {
+                if write {
+                    t[i] |= EptFlags::DIRTY.bits();
+                }
+                return t[i] & EptFlags::DIRTY.bits() != 0;
+            }
+            table = PhysAddr(e & ADDR_MASK);
+        }
+        false
     }
 
     fn destroy<M: PhysMem>(mut self, mem: &M, frames: &mut FrameAllocator) {
@@ -566,6 +645,48 @@ mod tests {
         }
         t.destroy(&m, &mut fa);
         assert_eq!(fa.free_frames(), 8);
+    }
+
+    #[test]
+    fn dirty_flags_set_by_writes_cleared_by_software_kept_by_protect() {
+        let (m, mut fa) = setup(64);
+        let mut t = EptTables::new(&m, &mut fa).unwrap();
+        let f = fa.alloc().unwrap();
+        t.map_4k(&m, &mut fa, 0, f, Perms::RWX).unwrap();
+        // Without A/D (EPTP bit 6 clear) the processor sets nothing.
+        assert!(!t.accessed_dirty());
+        assert!(!t.hw_access(&m, 0, true));
+        assert_eq!(t.test_and_clear_dirty(&m, 0), None);
+        assert_eq!(t.raw_entry(&m, 0).unwrap().0 & (3 << 8), 0);
+        assert!(t.enable_accessed_dirty());
+        // A read sets accessed along the walk, a write also dirty (leaf).
+        assert!(!t.hw_access(&m, 0, false));
+        let (e, _) = t.raw_entry(&m, 0).unwrap();
+        assert_eq!(e & (3 << 8), EptFlags::ACCESSED.bits());
+        assert_ne!(m.table_mut(t.root())[0] & EptFlags::ACCESSED.bits(), 0, "PML4E accessed");
+        assert!(t.hw_access(&m, 0, true));
+        assert_eq!(t.test_and_clear_dirty(&m, 0), Some(true));
+        assert_eq!(t.test_and_clear_dirty(&m, 0), Some(false));
+        assert_ne!(t.raw_entry(&m, 0).unwrap().0 & EptFlags::ACCESSED.bits(), 0, "only dirty is cleared");
+        // Write-protection keeps the flag; giving the rights back to the
+        // same frame keeps it too; a new frame starts clean.
+        t.hw_access(&m, 0, true);
+        assert_eq!(t.protect_range(&m, &mut fa, 0..4096, Perms::RX), 1);
+        assert_eq!(t.map_4k(&m, &mut fa, 0, f, Perms::RWX).unwrap().unwrap().perms, Perms::RX);
+        assert_eq!(t.test_and_clear_dirty(&m, 0), Some(true));
+        t.hw_access(&m, 0, true);
+        let g = fa.alloc().unwrap();
+        t.map_4k(&m, &mut fa, 0, g, Perms::RWX).unwrap();
+        assert_eq!(t.test_and_clear_dirty(&m, 0), Some(false));
+        t.hw_access(&m, 0, true);
+        t.replace_if_present(&m, 0, f, Perms::RX);
+        assert_eq!(t.test_and_clear_dirty(&m, 0), Some(false));
+        // Not mapped, or mapped by a large page: cannot tell.
+        assert_eq!(t.test_and_clear_dirty(&m, 4096), None);
+        t.map_2m(&m, &mut fa, MB2, PhysAddr(64 * MB2), Perms::RWX).unwrap();
+        assert!(t.hw_access(&m, MB2 + 4096, true), "the large leaf takes the flag");
+        assert_eq!(t.test_and_clear_dirty(&m, MB2 + 4096), None);
+        t.destroy(&m, &mut fa);
     }
 
     #[test]

@@ -115,6 +115,8 @@ pub struct MmuStats {
     pub retries: u64,
     /// Contract violations seen (each also counted at its [`WarnSite`]).
     pub warnings: u64,
+    /// Dirty flags the dedupe scanner found set and cleared.
+    pub dirty_cleared: u64,
 }
 
 /// `change_pte` with no invalidation in flight (DESIGN.md rule 2; Linux
@@ -138,6 +140,9 @@ struct MmuState<S> {
     in_flight: Vec<(GfnRange, InvalidateEvent)>,
     /// A `change_pte` replaced a frame: flush at the end of the bracket.
     flush_pending: bool,
+    /// A dirty flag was cleared: flush before the guest runs again
+    /// ([`Mmu::flush_cleared_dirty`]).
+    dirty_flush_pending: bool,
     flusher: Box<dyn TlbFlush>,
     stats: MmuStats,
 }
@@ -147,6 +152,7 @@ impl<S> MmuState<S> {
         self.flusher.flush_guest_tlb();
         self.stats.tlb_flushes += 1;
         self.flush_pending = false;
+        self.dirty_flush_pending = false;
     }
 
     fn recompute_union(&mut self) {
@@ -176,6 +182,8 @@ pub struct Mmu<S: Stage2 = EptTables> {
     state: spin::Mutex<MmuState<S>>,
     mode: NotifierMode,
     root: PhysAddr,
+    /// The tables keep accessed/dirty flags ([`Mmu::enable_accessed_dirty`]).
+    accessed_dirty: bool,
 }
 
 impl<S: Stage2> Mmu<S> {
@@ -195,10 +203,11 @@ impl<S: Stage2> Mmu<S> {
             mmu_invalidate_range_end: 0,
             in_flight: Vec::with_capacity(4),
             flush_pending: false,
+            dirty_flush_pending: false,
             flusher,
             stats: MmuStats::default(),
         };
-        Ok(Mmu { state: spin::Mutex::new(state), mode, root })
+        Ok(Mmu { state: spin::Mutex::new(state), mode, root, accessed_dirty: false })
     }
 
     pub fn mode(&self) -> NotifierMode {
@@ -208,6 +217,54 @@ impl<S: Stage2> Mmu<S> {
     /// The root table (the kernel builds the EPTP / nCR3 from it).
     pub fn root(&self) -> PhysAddr {
         self.root
+    }
+
+    /// Has the tables keep accessed/dirty flags (for EPT: the VMCS must
+    /// then get `eptp(true)`, SDM 29.3.5). False if the tables cannot.
+    /// The page manager calls it before the VM first runs.
+    pub fn enable_accessed_dirty(&mut self) -> bool {
+        self.accessed_dirty = self.state.get_mut().tables.enable_accessed_dirty();
+        self.accessed_dirty
+    }
+
+    /// Whether the tables keep accessed/dirty flags (the kernel passes this
+    /// to [`Mmu::eptp`]).
+    pub fn accessed_dirty(&self) -> bool {
+        self.accessed_dirty
+    }
+
+    /// For the dedupe scanner: whether the guest wrote `gfn` since its dirty
+    /// flag was last cleared (None: no 4 KiB translation, or no dirty
+    /// flags; the caller cannot tell), and clears the flag. A cleared flag
+    /// needs a TLB flush before the guest runs again (SDM 29.4.3.4):
+    /// [`Mmu::flush_cleared_dirty`] does one for all the pages cleared
+    /// since the last flush.
+    pub fn test_and_clear_dirty<M: PhysMem>(&self, mem: &M, gfn: u64) -> Option<bool> {
+        let mut s = self.state.lock();
+        let d = s.tables.test_and_clear_dirty(mem, gfn << PAGE_SHIFT);
+        if d == Some(true) {
+            s.stats.dirty_cleared += 1;
+            s.dirty_flush_pending = true;
+        }
+        d
+    }
+
+    /// Flushes the guest TLB if a dirty flag was cleared since the last
+    /// flush (a flag that was already clear needs none: no translation
+    /// with it set can be cached).
+    pub fn flush_cleared_dirty(&self) {
+        let mut s = self.state.lock();
+        if s.dirty_flush_pending {
+            s.flush();
+        }
+    }
+
+    /// What the processor does to the tables when a guest access to `gfn`
+    /// completes (accessed flags, and the dirty flag for a write), if
+    /// they keep those flags; returns whether the page's leaf is dirty
+    /// after it. For the simulated guest ([`crate::sim`]).
+    pub fn hw_access<M: PhysMem>(&self, mem: &M, gfn: u64, write: bool) -> bool {
+        self.accessed_dirty && self.state.lock().tables.hw_access(mem, gfn << PAGE_SHIFT, write)
     }
 
     /// Rule 1: count += 1, remember the range, zap or write-protect its
@@ -389,6 +446,12 @@ impl<S: Stage2> Mmu<S> {
         self.state.lock().stats
     }
 
+    /// The tables, under the lock (tests look at raw entries).
+    #[cfg(test)]
+    pub(crate) fn with_tables<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.state.lock().tables)
+    }
+
     pub fn table_frames(&self) -> usize {
         self.state.lock().tables.table_frames()
     }
@@ -400,8 +463,14 @@ impl<S: Stage2> Mmu<S> {
 }
 
 impl Mmu<EptTables> {
-    /// The EPTP for the VMCS.
+    /// The EPTP for the VMCS; `accessed_dirty` sets bit 6 (SDM 24.6.11,
+    /// 29.3.5). Pass [`Mmu::accessed_dirty`]: the CPU must set the dirty
+    /// flags the dedupe scanner relies on when the tables track them.
     pub fn eptp(&self, accessed_dirty: bool) -> u64 {
+        assert!(
+            accessed_dirty || !self.accessed_dirty,
+            "the tables track dirty flags: the EPTP must enable them (eptp(mmu.accessed_dirty()))"
+        );
         crate::ept::eptp(self.root, accessed_dirty)
     }
 }
@@ -569,6 +638,46 @@ mod tests {
         }
         let seq = mmu.invalidate_seq();
         assert_eq!(mmu.install(&r.mem, &mut r.frames, 1 << 30, hoard[0], Perms::RWX, seq), Install::OutOfFrames);
+    }
+
+    #[test]
+    fn cleared_dirty_flags_are_flushed_once() {
+        let (mut r, mut mmu) = rig(NotifierMode::ChangePte);
+        map(&mut r, &mmu, 1, Perms::RWX);
+        map(&mut r, &mmu, 2, Perms::RWX);
+        assert!(!mmu.hw_access(&r.mem, 1, true), "no A/D yet");
+        assert!(mmu.enable_accessed_dirty() && mmu.accessed_dirty());
+        assert!(mmu.hw_access(&r.mem, 1, true));
+        assert!(mmu.hw_access(&r.mem, 2, true));
+        assert_eq!(mmu.test_and_clear_dirty(&r.mem, 1), Some(true));
+        assert_eq!(mmu.test_and_clear_dirty(&r.mem, 2), Some(true));
+        assert_eq!(mmu.test_and_clear_dirty(&r.mem, 3), None);
+        assert_eq!(r.flushes.count(), 0, "the flush waits for the batch");
+        mmu.flush_cleared_dirty();
+        mmu.flush_cleared_dirty();
+        assert_eq!(r.flushes.count(), 1);
+        // Clean pages need no flush.
+        assert_eq!(mmu.test_and_clear_dirty(&r.mem, 1), Some(false));
+        mmu.flush_cleared_dirty();
+        assert_eq!(r.flushes.count(), 1);
+        // Any flush (here a write-protect bracket's) covers a pending one.
+        mmu.hw_access(&r.mem, 2, true);
+        assert_eq!(mmu.test_and_clear_dirty(&r.mem, 2), Some(true));
+        mmu.invalidate_range_start(&r.mem, &mut r.frames, GfnRange::one(1), InvalidateEvent::WriteProtect);
+        mmu.invalidate_range_end(GfnRange::one(1));
+        assert_eq!(r.flushes.count(), 2);
+        mmu.flush_cleared_dirty();
+        assert_eq!(r.flushes.count(), 2);
+        assert_eq!(mmu.stats().dirty_cleared, 3);
+        assert_ne!(mmu.eptp(true) & (1 << 6), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "EPTP must enable them")]
+    fn an_eptp_without_a_d_for_tracked_tables_is_refused() {
+        let (_r, mut mmu) = rig(NotifierMode::ChangePte);
+        mmu.enable_accessed_dirty();
+        mmu.eptp(false);
     }
 
     #[test]

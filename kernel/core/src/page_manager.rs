@@ -92,16 +92,23 @@ pub(crate) const F_CSUM: u8 = 2;
 /// The page went into the unstable index (counts in `pages_unshared`
 /// until the scanner next looks at it, as in KSM).
 pub(crate) const F_UNSTABLE: u8 = 4;
+/// Dirty tracking ([`crate::dedupe::DedupeConfig::track_dirty`]): the
+/// checksum was recorded with the page's EPT dirty flag cleared, so while
+/// the flag stays clear the page is unchanged and the checksum holds.
+/// Any hypervisor write to the page drops it (the EPT does not see those).
+pub(crate) const F_TRACKED: u8 = 8;
 
 /// What the page manager and the dedupe engine keep per guest page:
-/// 12 bytes (Linux's `rmap_item` alone is 64).
+/// 16 bytes (Linux's `rmap_item` alone is 64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PageEntry {
     /// Host frame number, or [`NO_FRAME`].
     pub frame: u32,
-    /// Checksum ([`F_CSUM`]) or stable record index ([`F_SHARED`]).
-    pub aux: u32,
     pub flags: u8,
+    /// Checksum ([`F_CSUM`]: the page's whole 64-bit content hash, which
+    /// is also its index key, so an unchanged page need not be hashed
+    /// again) or stable record index ([`F_SHARED`]).
+    pub aux: u64,
 }
 
 impl PageEntry {
@@ -133,6 +140,10 @@ pub(crate) struct Vm<S: Stage2> {
     pub slots: Vec<MemSlot>,
     /// Who this VM may share frames with (None: merging off).
     pub domain: Option<u32>,
+    /// The scanner trusts the EPT dirty flags of this VM's pages
+    /// ([`crate::dedupe::DedupeConfig::track_dirty`], and the tables keep
+    /// them).
+    pub track_dirty: bool,
     pub stats: VmStats,
 }
 
@@ -175,7 +186,8 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         if index > u16::MAX as usize {
             return Err(PmError::TooManyVms);
         }
-        let mmu = Mmu::new(&self.mem, &mut self.frames, flusher, config.mode).map_err(|_| PmError::OutOfMemory)?;
+        let mut mmu = Mmu::new(&self.mem, &mut self.frames, flusher, config.mode).map_err(|_| PmError::OutOfMemory)?;
+        let track_dirty = self.ksm.config.track_dirty && mmu.enable_accessed_dirty();
         let group = config.share_group.map(|name| match self.groups.iter().position(|g| *g == name) {
             Some(i) => i as u32,
             None => {
@@ -184,7 +196,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         });
         let domain = self.ksm.config.policy.domain(index as u32, group);
-        self.vms.push(Some(Vm { mmu, slots: Vec::new(), domain, stats: VmStats::default() }));
+        self.vms.push(Some(Vm { mmu, slots: Vec::new(), domain, track_dirty, stats: VmStats::default() }));
         Ok(VmId(index as u16))
     }
 
@@ -296,6 +308,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
     /// an image, answering a hypercall). Allocates pages on first touch and
     /// breaks sharing of merged pages first. Checks the whole range before
     /// writing anything; on running out of frames, part may be written.
+    /// The write does not go through the EPT, so no dirty flag records
+    /// it: the page's checksum stops being tracked and the scanner hashes
+    /// it again at its next look.
     pub fn write_gpa(&mut self, vm: VmId, gpa: u64, data: &[u8]) -> Result<(), PmError> {
         let PageManager { mem, frames, vms, ksm, .. } = self;
         let v = vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)?;
@@ -317,7 +332,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
             let off = (a as usize) % PAGE_SIZE;
             let n = (PAGE_SIZE - off).min(data.len() - done);
-            mem.page_mut(v.slots[si].pages[idx].pa())[off..off + n].copy_from_slice(&data[done..done + n]);
+            let e = &mut v.slots[si].pages[idx];
+            e.flags &= !F_TRACKED;
+            mem.page_mut(e.pa())[off..off + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
         Ok(())
@@ -435,7 +452,7 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
     v.mmu.change_pte(mem, gfn, new, Perms::RWX);
     v.slots[si].pages[idx] = PageEntry { frame: frame_number(new), aux: 0, flags: 0 };
     v.mmu.invalidate_range_end(r);
-    ksm.put(frames, e.aux);
+    ksm.put(frames, e.aux as u32);
     v.stats.cow_breaks += 1;
     Ok(new)
 }
@@ -443,7 +460,7 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
 /// Drops a page's hold on its frame (after its translation is gone).
 fn release(frames: &mut FrameAllocator, ksm: &mut Ksm, e: PageEntry) {
     if e.shared() {
-        ksm.put(frames, e.aux);
+        ksm.put(frames, e.aux as u32);
     } else {
         frames.free(e.pa()).expect("a private guest frame is ours");
     }

@@ -98,6 +98,37 @@ pub trait Stage2: Sized {
     /// The translation of `gpa`, as the hardware would find it.
     fn lookup<M: PhysMem>(&self, mem: &M, gpa: u64) -> Option<Leaf>;
 
+    /// Has the hardware keep accessed and dirty flags in these tables
+    /// (for EPT the EPTP must enable them too). False if the format or
+    /// this implementation has none; the tables then never report a page
+    /// as clean.
+    fn enable_accessed_dirty(&mut self) -> bool {
+        false
+    }
+
+    /// Whether the hardware keeps accessed and dirty flags in these tables.
+    fn accessed_dirty(&self) -> bool {
+        false
+    }
+
+    /// For a present 4 KiB translation of `gpa`: whether the guest wrote
+    /// the page since the flag was last cleared, and clears the flag (the
+    /// caller flushes the guest TLB before the guest runs again, or the
+    /// hardware may not set it on the next write). None when there is no
+    /// such translation or no dirty flag: the caller cannot tell.
+    fn test_and_clear_dirty<M: PhysMem>(&mut self, _mem: &M, _gpa: u64) -> Option<bool> {
+        None
+    }
+
+    /// What the processor does to the tables when a guest access to `gpa`
+    /// that they allow completes (the simulated guest calls it): set the
+    /// accessed flags on the walk and, for a write, the leaf's dirty flag,
+    /// if the tables keep them. Returns whether the leaf is dirty after
+    /// the access (what a TLB entry filled by this walk would remember).
+    fn hw_access<M: PhysMem>(&mut self, _mem: &M, _gpa: u64, _write: bool) -> bool {
+        false
+    }
+
     /// Frees all table frames (not the frames leaves point to).
     fn destroy<M: PhysMem>(self, mem: &M, frames: &mut FrameAllocator);
 

@@ -50,6 +50,7 @@ pub(crate) fn add_mmu(t: &mut MmuStats, o: &MmuStats) {
     t.installs += o.installs;
     t.retries += o.retries;
     t.warnings += o.warnings;
+    t.dirty_cleared += o.dirty_cleared;
 }
 
 /// The dedupe engine's state, as Linux's KSM reports it.
@@ -75,6 +76,9 @@ pub struct KsmStats {
     pub compare_mismatches: u64,
     /// Pages looked at by `scan`.
     pub pages_scanned: u64,
+    /// Looks that kept the stored checksum instead of hashing the page
+    /// (dirty tracking: its EPT dirty flag stayed clear).
+    pub checksums_reused: u64,
 }
 
 /// Everything, summed over all VMs.

@@ -372,7 +372,7 @@ fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
         let id = {
             let vm = pm.vm(v).unwrap();
             assert!(vm.slots[0].pages[0].shared());
-            vm.slots[0].pages[0].aux
+            vm.slots[0].pages[0].aux as u32
         };
         let own = pm.backing_frame(v, gpa(2)).unwrap();
         let before = pm.vm_stats(v).unwrap().1;
@@ -421,4 +421,168 @@ fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
         assert_eq!(page_bytes(&pm, v, 0), [7; 4096]);
         assert_eq!(page_bytes(&pm, v, 1), [7; 4096]);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Dirty tracking (DedupeConfig::track_dirty): EPT dirty flags instead of
+// re-hashing unchanged pages.
+
+fn tracking() -> DedupeConfig {
+    DedupeConfig { track_dirty: true, ..DedupeConfig::default() }
+}
+
+/// The raw dirty flag of the page's leaf (None: not mapped).
+fn dirty_flag(pm: &PageManager<Arena>, v: VmId, p: u64) -> Option<bool> {
+    let raw = pm.mmu(v).unwrap().with_tables(|t| t.raw_entry(pm.mem(), gpa(p)));
+    raw.map(|(e, _)| e & crate::ept::EptFlags::DIRTY.bits() != 0)
+}
+
+#[test]
+fn tracking_off_hashes_every_look_and_leaves_the_flags_alone() {
+    let mut pm = pm(128, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    assert!(!pm.mmu(v).unwrap().accessed_dirty());
+    fill(&mut pm, v, &[1, 2]);
+    assert_eq!(dirty_flag(&pm, v, 0), Some(false), "no A/D: the guest's writes set nothing");
+    scan_until_converged(&mut pm);
+    let s = pm.stats();
+    assert_eq!((s.ksm.checksums_reused, s.mmu.dirty_cleared), (0, 0));
+    assert_eq!(pm.mmu(v).unwrap().eptp(false) & (1 << 6), 0);
+}
+
+#[test]
+fn an_unchanged_page_keeps_its_checksum_with_one_flush_per_batch() {
+    let mut pm = pm(128, tracking());
+    let (v, flush) = vm(&mut pm, 4, true, NotifierMode::ChangePte, None);
+    assert!(pm.mmu(v).unwrap().accessed_dirty());
+    assert_ne!(pm.mmu(v).unwrap().eptp(true) & (1 << 6), 0);
+    fill(&mut pm, v, &[1, 2, 3, 4]);
+    for p in 0..4 {
+        assert_eq!(dirty_flag(&pm, v, p), Some(true), "the guest's fill set the dirty flag");
+    }
+    let f0 = flush.count();
+    let r = pm.scan(4); // first look: hashed, flags cleared, one flush
+    assert_eq!(r.full_scans_completed, 1);
+    assert_eq!(flush.count(), f0 + 1, "one INVEPT for the batch");
+    for p in 0..4 {
+        assert_eq!(dirty_flag(&pm, v, p), Some(false));
+    }
+    assert_eq!(pm.stats().mmu.dirty_cleared, 4);
+    pm.scan(4); // nothing written: no hashing, no flush
+    assert_eq!(pm.ksm_stats().checksums_reused, 4);
+    assert_eq!(flush.count(), f0 + 1, "no flag was set, so none to flush");
+    assert!(pm.scan_converged() || { pm.scan(4); pm.scan_converged() });
+    assert_eq!(pm.ksm_stats().pages_unshared, 4);
+}
+
+#[test]
+fn a_guest_write_between_looks_is_rehashed_and_not_merged_with_its_old_twin() {
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    let mut g = fill(&mut pm, v, &[5, 5]);
+    pm.scan(2); // pass 1: both hashed with content 5
+    g.write(&mut pm, gpa(1), &[6]).unwrap(); // page 1 changes
+    assert_eq!(dirty_flag(&pm, v, 1), Some(true));
+    let reused = pm.ksm_stats().checksums_reused;
+    pm.scan(2); // pass 2: page 0 unchanged, page 1 dirty
+    assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "only page 0 kept its checksum");
+    assert!(!pm.is_merged(v, gpa(0)) && !pm.is_merged(v, gpa(1)), "page 1 is no twin of page 0 any more");
+    assert_eq!(pm.ksm_stats().pages_volatile, 1);
+    // Page 1 gets page 0's content back, after pass 2 cleared its flag and
+    // flushed: the write must set the flag again (the model TLB would not
+    // set it had the flush been left out).
+    g.write(&mut pm, gpa(1), &[5]).unwrap();
+    assert_eq!(dirty_flag(&pm, v, 1), Some(true));
+    pm.scan(2); // pass 3: page 1 rehashed: changed again, waits
+    assert!(!pm.is_merged(v, gpa(1)));
+    assert_eq!(pm.ksm_stats().pages_volatile, 1);
+    scan_until_converged(&mut pm); // pass 4 merges them
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+    assert_eq!(page_bytes(&pm, v, 1), [5; 4096]);
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn a_hypervisor_write_is_rehashed_too() {
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[5, 5]);
+    pm.scan(2);
+    pm.write_gpa(v, gpa(1) + 100, &[6]).unwrap();
+    assert_eq!(dirty_flag(&pm, v, 1), Some(false), "the EPT does not see hypervisor writes");
+    let reused = pm.ksm_stats().checksums_reused;
+    pm.scan(2);
+    assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "page 1 was hashed again");
+    assert!(!pm.is_merged(v, gpa(0)) && !pm.is_merged(v, gpa(1)));
+    assert_eq!(pm.ksm_stats().pages_volatile, 1);
+    // Written back to the twin's content by the hypervisor: merges.
+    pm.write_gpa(v, gpa(1) + 100, &[5]).unwrap();
+    scan_until_converged(&mut pm);
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn tracking_with_cow_breaks_and_merges() {
+    let mut pm = pm(128, tracking());
+    let (a, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+    let (b, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, None);
+    let mut ga = fill(&mut pm, a, &[5, 5, 5]);
+    fill(&mut pm, b, &[5]);
+    scan_until_converged(&mut pm);
+    let shared = pm.backing_frame(a, gpa(0)).unwrap();
+    assert_eq!(pm.ksm_stats().pages_sharing, 3);
+    // A write of the same byte: COW to a private copy with equal content;
+    // the next look hashes it (a new frame) and it joins the merged frame.
+    ga.write(&mut pm, gpa(1), &[5]).unwrap();
+    assert_ne!(pm.backing_frame(a, gpa(1)), Some(shared));
+    assert_eq!(dirty_flag(&pm, a, 1), Some(true), "the write after the COW set the flag");
+    pm.scan(4);
+    assert_eq!(pm.backing_frame(a, gpa(1)), Some(shared), "merged back in one look");
+    // A real change: COW, then the page waits, then is unique.
+    ga.write(&mut pm, gpa(2), &[9]).unwrap();
+    pm.scan(4);
+    assert!(!pm.is_merged(a, gpa(2)));
+    assert_eq!(pm.ksm_stats().pages_volatile, 1);
+    let reused = pm.ksm_stats().checksums_reused;
+    pm.scan(4);
+    assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "the new private page held still");
+    assert_eq!(pm.ksm_stats().pages_unshared, 1);
+    // Then it gets the shared content back (a write through its own,
+    // writable frame): the flag says so and it merges again.
+    ga.write(&mut pm, gpa(2), &[5]).unwrap();
+    scan_until_converged(&mut pm);
+    assert_eq!(pm.backing_frame(a, gpa(2)), Some(shared));
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (1, 3));
+    for (v, p) in [(a, 0), (a, 1), (a, 2), (b, 0)] {
+        assert_eq!(page_bytes(&pm, v, p), [5; 4096]);
+    }
+    pm.check_consistency().unwrap();
+    assert_eq!(pm.stats().mmu.warnings, 0);
+}
+
+#[test]
+fn tracking_teardown_returns_every_frame() {
+    let mut pm = pm(256, tracking());
+    let total = pm.frames().free_frames();
+    let (a, _) = vm(&mut pm, 16, true, NotifierMode::ChangePte, None);
+    let (b, fb) = vm(&mut pm, 16, true, NotifierMode::LinuxZap, None);
+    for v in [a, b] {
+        let mut g = SimGuest::new(v);
+        for p in 0..16 {
+            g.fill_page(&mut pm, gpa(p), (p % 3) as u8).unwrap();
+        }
+    }
+    pm.scan(20); // part of a pass: flags cleared in both VMs
+    pm.destroy_vm(a).unwrap();
+    let f = fb.count();
+    pm.scan(40); // the rest, and a pass over b alone
+    assert!(fb.count() >= f);
+    scan_until_converged(&mut pm);
+    assert!(pm.ksm_stats().pages_sharing > 0);
+    pm.check_consistency().unwrap();
+    pm.destroy_vm(b).unwrap();
+    assert_eq!(pm.frames().free_frames(), total);
+    assert_eq!(pm.scan(10).visited, 0);
 }

@@ -5,7 +5,9 @@
 
 use super::*;
 use crate::dedupe::SharingPolicy;
-use crate::page_manager::Outcome;
+use crate::ept::EptFlags;
+use crate::page_manager::{Outcome, F_CSUM, F_TRACKED};
+use crate::phys::PhysMem;
 use crate::sim::SimGuest;
 use crate::stage2::Perms;
 use alloc::vec;
@@ -51,6 +53,8 @@ struct Setup {
     policy: SharingPolicy,
     max_page_sharing: u32,
     use_zero_pages: bool,
+    /// Dirty tracking (EPT A/D flags) instead of re-hashing every look.
+    track_dirty: bool,
     frames: usize,
 }
 
@@ -60,14 +64,16 @@ fn setup() -> impl Strategy<Value = Setup> {
         prop_oneof![Just(SharingPolicy::AllVms), Just(SharingPolicy::SameVm), Just(SharingPolicy::Groups)],
         2u32..5,
         any::<bool>(),
+        any::<bool>(),
         // Enough for everything, or tight enough to run out now and then.
         prop_oneof![3 => Just(64usize), 1 => 30usize..44],
     )
-        .prop_map(|(mode, policy, max_page_sharing, use_zero_pages, frames)| Setup {
+        .prop_map(|(mode, policy, max_page_sharing, use_zero_pages, track_dirty, frames)| Setup {
             mode,
             policy,
             max_page_sharing,
             use_zero_pages,
+            track_dirty,
             frames,
         })
 }
@@ -86,6 +92,27 @@ fn check(pm: &PageManager<Arena>, vms: &[VmId], last_seq: &mut [u64]) -> Result<
         prop_assert_eq!(seq, st.invalidate_range_end);
         prop_assert!(seq >= last_seq[i]);
         last_seq[i] = seq;
+        // Dirty tracking: a page whose checksum is tracked and whose leaf
+        // is present and clean still has the content it was hashed with
+        // (else the scanner would take a changed page for unchanged).
+        let vmr = pm.vm(v).unwrap();
+        prop_assert_eq!(vmr.track_dirty, mmu.accessed_dirty());
+        for slot in &vmr.slots {
+            for (k, e) in slot.pages.iter().enumerate() {
+                let tracked = F_CSUM | F_TRACKED;
+                if e.shared() || e.flags & tracked != tracked {
+                    continue;
+                }
+                prop_assert!(vmr.track_dirty);
+                let raw = mmu.with_tables(|t| t.raw_entry(pm.mem(), (slot.base_gfn + k as u64) << 12));
+                if let Some((leaf, 1)) = raw {
+                    if leaf & EptFlags::DIRTY.bits() == 0 {
+                        let now = xxhash_rust::xxh3::xxh3_64(pm.mem().page(e.pa()));
+                        prop_assert_eq!(now, e.aux, "vm {} page {} changed behind a clean dirty flag", i, k);
+                    }
+                }
+            }
+        }
         // The EPT never holds a translation the page manager disagrees
         // with, and never lets the guest write a merged frame.
         for p in 0..PAGES {
@@ -103,7 +130,12 @@ fn check(pm: &PageManager<Arena>, vms: &[VmId], last_seq: &mut [u64]) -> Result<
 fn run(s: Setup, ops: Vec<Op>) -> Result<crate::stats::Stats, TestCaseError> {
     let mut pm = pm(
         s.frames,
-        DedupeConfig { policy: s.policy, max_page_sharing: s.max_page_sharing, use_zero_pages: s.use_zero_pages },
+        DedupeConfig {
+            policy: s.policy,
+            max_page_sharing: s.max_page_sharing,
+            use_zero_pages: s.use_zero_pages,
+            track_dirty: s.track_dirty,
+        },
     );
     let total = pm.frames().free_frames();
     let groups = [Some("g"), Some("g"), None];
@@ -200,16 +232,44 @@ fn a_long_fixed_run_merges_and_breaks_a_lot() {
             _ => Op::Scan { batch: 13 },
         });
     }
-    let s = Setup {
-        mode: NotifierMode::ChangePte,
-        policy: SharingPolicy::AllVms,
-        max_page_sharing: 3,
-        use_zero_pages: true,
-        frames: 64,
-    };
-    let st = run(s, ops).unwrap();
-    assert!(st.ksm.merges > 200, "{st:?}");
-    assert!(st.vm.cow_breaks > 100, "{st:?}");
-    assert!(st.ksm.full_scans > 50, "{st:?}");
-    assert_eq!(st.mmu.warnings, 0);
+    let mut outcome = Vec::new();
+    for track_dirty in [false, true] {
+        let s = Setup {
+            mode: NotifierMode::ChangePte,
+            policy: SharingPolicy::AllVms,
+            max_page_sharing: 3,
+            use_zero_pages: true,
+            track_dirty,
+            frames: 64,
+        };
+        let st = run(s, ops.clone()).unwrap();
+        assert!(st.ksm.merges > 200, "{st:?}");
+        assert!(st.vm.cow_breaks > 100, "{st:?}");
+        assert!(st.ksm.full_scans > 50, "{st:?}");
+        assert_eq!(st.mmu.warnings, 0);
+        assert_eq!(st.ksm.checksums_reused > 0, track_dirty, "{st:?}");
+        assert_eq!(st.mmu.dirty_cleared > 0, track_dirty, "{st:?}");
+        outcome.push((st.ksm.merges, st.ksm.pages_shared, st.ksm.pages_sharing, st.ksm.zero_pages, st.vm.cow_breaks));
+    }
+    assert_eq!(outcome[0], outcome[1], "dirty tracking changes no merge");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Dirty tracking on and off merge exactly the same pages for the
+    /// same operations: a page is found unchanged by its dirty flag only
+    /// when re-hashing would have found the same checksum.
+    #[test]
+    fn dirty_tracking_merges_exactly_what_checksums_do(
+        s in setup(),
+        ops in proptest::collection::vec(op(), 1..120),
+    ) {
+        let off = run(Setup { track_dirty: false, ..s.clone() }, ops.clone())?;
+        let on = run(Setup { track_dirty: true, ..s }, ops)?;
+        prop_assert_eq!(on.ksm.merges, off.ksm.merges);
+        prop_assert_eq!((on.ksm.pages_shared, on.ksm.pages_sharing, on.ksm.zero_pages), (off.ksm.pages_shared, off.ksm.pages_sharing, off.ksm.zero_pages));
+        prop_assert_eq!((on.ksm.pages_unshared, on.ksm.pages_volatile), (off.ksm.pages_unshared, off.ksm.pages_volatile));
+        prop_assert_eq!(on.vm.cow_breaks, off.vm.cow_breaks);
+    }
 }
