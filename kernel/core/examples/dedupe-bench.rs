@@ -423,8 +423,9 @@ fn peer_script() -> PathBuf {
     if let Ok(p) = std::env::var("KSM_PEER") {
         return PathBuf::from(p);
     }
-    // boot/ is in the repository; the script is next to the repository.
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/linux_ksm_bench.py")
+    // This crate is kernel/core in the repository; the script is next to
+    // the repository.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/peers/linux_ksm_bench.py")
 }
 
 /// Why Linux KSM cannot run here, if it cannot.
