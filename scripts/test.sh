@@ -197,7 +197,7 @@ smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \
     '^\[INFO \] warn-test: change_pte on vm0 gpa 0x200000 with no invalidation in flight' \
     '^\[WARN \] WARNING: kernel/core/src/mmu_notifier.rs:[0-9]+: change_pte\(gfn 0x200\) with no invalidation in flight' \
     '^\[INFO \] dedupe converged: pages_shared=96 pages_sharing=160 ' \
-    '^\[INFO \] notifier: .*warnings: 1 }' \
+    '^\[INFO \] notifier: .*warnings: 1[,} ]' \
     '^\[INFO \] warnings: 1 WARN hits' \
     '^\[INFO \] 3 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 check "warn-test: exactly one WARN line" expect_count target/runs/warn-test-bochs-bios/serial.log 1 'WARNING:'

@@ -113,7 +113,10 @@ pub struct Hypervisor {
 
 impl Hypervisor {
     pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy) -> Hypervisor {
-        let config = DedupeConfig { policy: sharing, ..DedupeConfig::default() };
+        // With EPT accessed/dirty flags (SDM Vol. 3C 29.3.5) the scanner sees
+        // which pages the guest wrote instead of hashing every page again.
+        let track_dirty = vmx.caps.ept_vpid & hvcore::vmx::caps::ept_cap::ACCESSED_DIRTY != 0;
+        let config = DedupeConfig { policy: sharing, track_dirty, ..DedupeConfig::default() };
         let pm = PageManager::new(*crate::memory::phys(), frames, config);
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
@@ -138,7 +141,8 @@ impl Hypervisor {
             pm.write_gpa(id, gpa, bytes).map_err(|_| ())
         })
         .map_err(|e| format!("{name}: guest image refused: {e}"))?;
-        let eptp = pm.mmu(id).map_err(|e| format!("{name}: {e:?}"))?.eptp(false);
+        let mmu = pm.mmu(id).map_err(|e| format!("{name}: {e:?}"))?;
+        let eptp = mmu.eptp(mmu.accessed_dirty());
         eptp_cell.store(eptp, Ordering::Relaxed);
 
         let vmcs = Vmcs::new(self.host.caps.revision_id());
@@ -163,8 +167,9 @@ impl Hypervisor {
         let mut vm = Vm::new(name, scn, id, vmcs);
         vm.regs.rdi = boot.rdi;
         log::info!(
-            "{}: created: scenario {}, {} MiB, entry {:#x}, EPTP {:#x}, VPID {}",
+            "{}: created: scenario {}, {} MiB, entry {:#x}, EPTP {:#x} (A/D {}), VPID {}",
             vm.name, scenario::name(scn).unwrap_or("?"), GUEST_MEMORY >> 20, boot.rip, eptp,
+            if eptp & (1 << 6) != 0 { "on" } else { "off" },
             vpid.map_or("off".into(), |v| format!("{v}"))
         );
         self.vms.push(vm);
@@ -276,8 +281,8 @@ impl Hypervisor {
         let s = self.host.pm.ksm_stats();
         let t = self.host.pm.stats();
         log::info!(
-            "dedupe: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} full_scans={} zero_pages={}",
-            s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.full_scans, s.zero_pages
+            "dedupe: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} full_scans={} zero_pages={} checksums_reused={}",
+            s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.full_scans, s.zero_pages, s.checksums_reused
         );
         log::info!(
             "memory: ept_violations={} (not_present={} write_shared={} outside={} retries={}) cow_breaks={} pages_allocated={}",
