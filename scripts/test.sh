@@ -191,6 +191,14 @@ smoke share-off bochs bios 0 120 "vms=dedupe,dedupe share=off" \
     '^\[INFO \] notifier: MmuStats \{ invalidate_range_start: 0, change_pte: 0, ' \
     '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 
+# A guest image that cannot be loaded is refused with the reason; the
+# other VMs run.
+smoke bad-image bochs bios 0 120 "vms=hello bad-image-test=1" \
+    '^\[INFO \] vm0: created: scenario hello' \
+    '^\[INFO \] bad-image-test: vm1: refused: guest image program header table lies outside the file' \
+    '^\[INFO \] vm0 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] 1 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+
 # The negative test of the notifier contract: change_pte outside a bracket
 # once. Exactly one WARN line, the counter at 1, and every guest still fine.
 smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \

@@ -18,7 +18,7 @@ use hvcore::dedupe::{DedupeConfig, SharingPolicy};
 use hvcore::frame::FrameAllocator;
 use hvcore::hypercall::{guest_arg, scenario};
 use hvcore::mmu_notifier::{NotifierMode, TlbFlush};
-use hvcore::page_manager::{PageManager, VmConfig};
+use hvcore::page_manager::{PageManager, VmConfig, VmId};
 use hvcore::phys::OffsetPhysMem;
 use hvcore::vmx::exit::{exit_reason_name, reason};
 use hvcore::vmx::VmxCaps;
@@ -120,28 +120,48 @@ impl Hypervisor {
         let pm = PageManager::new(*crate::memory::phys(), frames, config);
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
-        Hypervisor { host: Host { caps: vmx.caps, pm, sharing, converged_logged: false }, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
+        let host = Host { caps: vmx.caps, pm, sharing, converged_logged: false };
+        Hypervisor { host, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
     }
 
-    /// Creates a VM running `guest_elf` in scenario `scenario`. A guest that
-    /// cannot be set up is refused with the reason; nothing else changes.
+    /// Creates a VM running `guest_elf` in scenario `scn`. A guest that
+    /// cannot be set up is refused with the reason, and its memory goes
+    /// back: nothing else changes.
     pub fn create_vm(&mut self, guest_elf: &[u8], scn: u8) -> Result<(), String> {
         let index = self.vms.len();
         let name = format!("vm{index}");
         let eptp_cell = Arc::new(AtomicU64::new(0));
-        let pm = &mut self.host.pm;
-        let id = pm
-            .create_vm(VmConfig { mode: self.mode, ..VmConfig::default() }, Box::new(InveptFlush(eptp_cell.clone())))
+        let config = VmConfig { mode: self.mode, ..VmConfig::default() };
+        let id = self
+            .host
+            .pm
+            .create_vm(config, Box::new(InveptFlush(eptp_cell.clone())))
             .map_err(|e| format!("{name}: cannot create: {e:?}"))?;
+        match self.set_up(&name, id, guest_elf, scn, &eptp_cell) {
+            Ok(vm) => {
+                self.vms.push(vm);
+                Ok(())
+            }
+            Err(why) => {
+                let _ = self.host.pm.destroy_vm(id);
+                Err(format!("{name}: refused: {why}"))
+            }
+        }
+    }
+
+    /// Memory, guest image and VMCS of a new VM.
+    fn set_up(&mut self, name: &str, id: VmId, elf: &[u8], scn: u8, eptp_cell: &AtomicU64) -> Result<Vm, String> {
+        let index = self.vms.len();
+        let pm = &mut self.host.pm;
         pm.add_slot(id, 0, MERGEABLE_START, false)
             .and_then(|()| pm.add_slot(id, MERGEABLE_START, GUEST_MEMORY - MERGEABLE_START, true))
-            .map_err(|e| format!("{name}: memory slot: {e:?}"))?;
+            .map_err(|e| format!("memory slot: {e:?}"))?;
         let arg = guest_arg(scn, index as u8);
-        let boot = hvcore::guest_boot::load(guest_elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
+        let boot = hvcore::guest_boot::load(elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
             pm.write_gpa(id, gpa, bytes).map_err(|_| ())
         })
-        .map_err(|e| format!("{name}: guest image refused: {e}"))?;
-        let mmu = pm.mmu(id).map_err(|e| format!("{name}: {e:?}"))?;
+        .map_err(|e| format!("{e}"))?;
+        let mmu = pm.mmu(id).map_err(|e| format!("{e:?}"))?;
         let eptp = mmu.eptp(mmu.accessed_dirty());
         eptp_cell.store(eptp, Ordering::Relaxed);
 
@@ -153,18 +173,12 @@ impl Hypervisor {
         if let Some(v) = vpid {
             invvpid_single(v);
         }
-        let setup = vmcs::Setup {
-            caps: &self.host.caps,
-            boot: &boot,
-            eptp,
-            vpid,
-            msr_bitmap: self.msr_bitmap.phys(),
-        };
-        vmcs::setup(&setup).map_err(|e| format!("{name}: VMCS: {e}"))?;
+        let setup = vmcs::Setup { caps: &self.host.caps, boot: &boot, eptp, vpid, msr_bitmap: self.msr_bitmap.phys() };
+        vmcs::setup(&setup).map_err(|e| format!("VMCS: {e}"))?;
         if scn == scenario::BAD_VMCS {
             let _ = vmcs::write(x86::vmx::vmcs::control::CR3_TARGET_COUNT, 99);
         }
-        let mut vm = Vm::new(name, scn, id, vmcs);
+        let mut vm = Vm::new(name.into(), scn, id, vmcs);
         vm.regs.rdi = boot.rdi;
         log::info!(
             "{}: created: scenario {}, {} MiB, entry {:#x}, EPTP {:#x} (A/D {}), VPID {}",
@@ -172,8 +186,7 @@ impl Hypervisor {
             if eptp & (1 << 6) != 0 { "on" } else { "off" },
             vpid.map_or("off".into(), |v| format!("{v}"))
         );
-        self.vms.push(vm);
-        Ok(())
+        Ok(vm)
     }
 
     /// The negative test of the notifier contract: one `change_pte` with no

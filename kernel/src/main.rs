@@ -113,6 +113,17 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
             refused += 1;
         }
     }
+    if options.bad_image_test {
+        // The first 100 bytes of the ELF: a header whose program headers
+        // lie beyond the image.
+        match hv.create_vm(&elf[..elf.len().min(100)], scenario::HELLO) {
+            Err(e) => log::info!("bad-image-test: {e}"),
+            Ok(()) => {
+                log::error!("bad-image-test: a truncated guest image was accepted");
+                refused += 1;
+            }
+        }
+    }
     if options.warn_test {
         hv.change_pte_outside_bracket();
     }

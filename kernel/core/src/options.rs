@@ -23,6 +23,9 @@ pub struct Options {
     /// `panic-test=1`: panic after the boot summary (proves the panic
     /// handler prints the message and location and fails the run).
     pub panic_test: bool,
+    /// `bad-image-test=1`: also try to create a VM from a truncated guest
+    /// image, which must be refused with the reason while the rest run.
+    pub bad_image_test: bool,
     /// `vms=hello,hello,wild-access`: one VM per name, each running the
     /// guest program in that scenario (`hvcore::hypercall::scenario`).
     pub vms: Option<Vec<u8>>,
@@ -37,7 +40,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, vms: None, linux_zap: false, share: SharingPolicy::AllVms }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, bad_image_test: false, vms: None, linux_zap: false, share: SharingPolicy::AllVms }
     }
 }
 
@@ -71,6 +74,7 @@ impl Options {
                 "warn-test" => o.warn_test = flag(value).ok_or_else(bad)?,
                 "hang-test" => o.hang_test = flag(value).ok_or_else(bad)?,
                 "panic-test" => o.panic_test = flag(value).ok_or_else(bad)?,
+                "bad-image-test" => o.bad_image_test = flag(value).ok_or_else(bad)?,
                 "notifier" => {
                     o.linux_zap = match value {
                         "change-pte" => false,
