@@ -199,6 +199,18 @@ smoke bad-image bochs bios 0 120 "vms=hello bad-image-test=1" \
     '^\[INFO \] vm0 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] 1 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 
+# Out of host frames during a COW break: only that VM is stopped; the
+# other, which shares pages with it, writes and re-checks all its memory.
+smoke oom-test bochs bios 0 120 "vms=dedupe,dedupe,hello oom-test=1" \
+    '^\[INFO \] oom-test: vm0 will find the host out of frames when it writes' \
+    '^\[WARN \] vm0: stopped: out of host memory' \
+    '^\[INFO \] vm1: check 31 passed' \
+    '^\[INFO \] vm0 \(dedupe\): stopped: out of host memory; .*as expected' \
+    '^\[INFO \] vm1 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm2 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] warnings: 0 WARN hits' \
+    '^\[INFO \] 3 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+
 # The negative test of the notifier contract: change_pte outside a bracket
 # once. Exactly one WARN line, the counter at 1, and every guest still fine.
 smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \

@@ -40,6 +40,10 @@ pub struct Host {
     pub pm: PageManager<OffsetPhysMem>,
     sharing: SharingPolicy,
     converged_logged: bool,
+    oom_test: bool,
+    starving_someone: bool,
+    /// Frames held away from the pool while a starved VM runs (oom-test).
+    held: Vec<hvcore::phys::PhysAddr>,
 }
 
 impl Host {
@@ -75,6 +79,12 @@ impl Host {
             (id::DEDUPE_INTACT, Some(before)) => {
                 log::info!("{}: re-read after merge: {} EPT violations", vm.name, s.ept_violations - before);
                 vm.dedupe.cow_at_reread = Some(s.cow_breaks);
+                if self.oom_test && !self.starving_someone {
+                    self.starving_someone = true;
+                    vm.dedupe.starved = true;
+                    log::info!("oom-test: {} will find the host out of frames when it writes", vm.name);
+                    self.starve(vm);
+                }
             }
             (id::DEDUPE_AFTER_WRITE, _) => {
                 let cow = s.cow_breaks - vm.dedupe.cow_at_reread.unwrap_or(0);
@@ -82,6 +92,19 @@ impl Host {
             }
             _ => {}
         }
+    }
+
+    /// oom-test: while a starved VM runs, the pool has no free frame (as if
+    /// other VMs had taken them); other VMs never see that.
+    fn starve(&mut self, vm: &Vm) {
+        if vm.dedupe.starved && self.held.is_empty() {
+            self.held = self.pm.take_all_free();
+        }
+    }
+
+    fn feed(&mut self) {
+        let held = core::mem::take(&mut self.held);
+        self.pm.give_back(held);
     }
 
     fn vm_stats(&self, vm: &Vm) -> hvcore::stats::VmStats {
@@ -112,7 +135,7 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
-    pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy) -> Hypervisor {
+    pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy, oom_test: bool) -> Hypervisor {
         // With EPT accessed/dirty flags (SDM Vol. 3C 29.3.5) the scanner sees
         // which pages the guest wrote instead of hashing every page again.
         let track_dirty = vmx.caps.ept_vpid & hvcore::vmx::caps::ept_cap::ACCESSED_DIRTY != 0;
@@ -120,7 +143,7 @@ impl Hypervisor {
         let pm = PageManager::new(*crate::memory::phys(), frames, config);
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
-        let host = Host { caps: vmx.caps, pm, sharing, converged_logged: false };
+        let host = Host { caps: vmx.caps, pm, sharing, converged_logged: false, oom_test, starving_someone: false, held: Vec::new() };
         Hypervisor { host, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
     }
 
@@ -221,6 +244,12 @@ impl Hypervisor {
     /// timer expires or it ends.
     fn slice(&mut self, i: usize) {
         self.slices += 1;
+        self.host.starve(&self.vms[i]);
+        self.run_slice(i);
+        self.host.feed();
+    }
+
+    fn run_slice(&mut self, i: usize) {
         let vm = &mut self.vms[i];
         vm.vmcs.load();
         let _ = vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, vmcs::SLICE);
@@ -319,6 +348,8 @@ impl Hypervisor {
 fn verdict(vm: &Vm) -> Result<(), String> {
     let failed = vm.checks.iter().filter(|c| c.failed).count();
     match (vm.scenario, &vm.end) {
+        (_, Some(End::Stopped(Cause::OutOfMemory))) if vm.dedupe.starved => Ok(()),
+        _ if vm.dedupe.starved => Err("expected to be stopped out of memory".into()),
         (scenario::WILD_ACCESS, Some(End::Stopped(Cause::WildAccess(_)))) => Ok(()),
         (scenario::TRIPLE_FAULT, Some(End::Stopped(Cause::TripleFault))) => Ok(()),
         (scenario::BAD_VMCS, Some(End::Stopped(Cause::EntryFailed(_)))) => Ok(()),

@@ -103,7 +103,7 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
         return ExitCode::Failure;
     };
     let mode = if options.linux_zap { NotifierMode::LinuxZap } else { NotifierMode::ChangePte };
-    let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share);
+    let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share, options.oom_test);
     let default = [scenario::HELLO, scenario::HELLO, scenario::DEDUPE, scenario::DEDUPE];
     let wanted = options.vms.as_deref().unwrap_or(&default);
     let mut refused = 0;

@@ -76,6 +76,8 @@ pub struct DedupeProgress {
     pub violations_at_converged: Option<u64>,
     /// The VM's COW breaks when it reported its re-read check.
     pub cow_at_reread: Option<u64>,
+    /// `oom-test`: this VM's writes find the host out of frames.
+    pub starved: bool,
 }
 
 impl Vm {

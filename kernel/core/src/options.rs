@@ -26,6 +26,10 @@ pub struct Options {
     /// `bad-image-test=1`: also try to create a VM from a truncated guest
     /// image, which must be refused with the reason while the rest run.
     pub bad_image_test: bool,
+    /// `oom-test=1`: the first DEDUPE VM finds the host out of frames when
+    /// it writes to its merged pages: the COW break fails and only that VM
+    /// is stopped.
+    pub oom_test: bool,
     /// `vms=hello,hello,wild-access`: one VM per name, each running the
     /// guest program in that scenario (`hvcore::hypercall::scenario`).
     pub vms: Option<Vec<u8>>,
@@ -40,7 +44,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, bad_image_test: false, vms: None, linux_zap: false, share: SharingPolicy::AllVms }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, bad_image_test: false, oom_test: false, vms: None, linux_zap: false, share: SharingPolicy::AllVms }
     }
 }
 
@@ -75,6 +79,7 @@ impl Options {
                 "hang-test" => o.hang_test = flag(value).ok_or_else(bad)?,
                 "panic-test" => o.panic_test = flag(value).ok_or_else(bad)?,
                 "bad-image-test" => o.bad_image_test = flag(value).ok_or_else(bad)?,
+                "oom-test" => o.oom_test = flag(value).ok_or_else(bad)?,
                 "notifier" => {
                     o.linux_zap = match value {
                         "change-pte" => false,

@@ -181,6 +181,19 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         &self.frames
     }
 
+    /// Takes every free frame out of the pool (and [`Self::give_back`]
+    /// returns them): lets a test make the host run out of memory at a
+    /// chosen moment, as it would when other VMs used the frames.
+    pub fn take_all_free(&mut self) -> Vec<PhysAddr> {
+        core::iter::from_fn(|| self.frames.alloc()).collect()
+    }
+
+    pub fn give_back(&mut self, held: Vec<PhysAddr>) {
+        for f in held {
+            self.frames.free(f).expect("a frame taken by take_all_free");
+        }
+    }
+
     pub fn create_vm(&mut self, config: VmConfig, flusher: Box<dyn TlbFlush>) -> Result<VmId, PmError> {
         let index = self.vms.len();
         if index > u16::MAX as usize {
