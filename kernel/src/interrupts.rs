@@ -11,6 +11,8 @@ use x86_64::structures::idt::{InterruptDescriptorTable, InterruptStackFrame, Pag
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
 fn stop(name: &str, vector: u8, error: Option<u64>, frame: &InterruptStackFrame) -> ! {
+    // SAFETY: the interrupted code never resumes (we exit below).
+    unsafe { crate::serial::force_unlock() };
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     match error {
         Some(e) => log::error!(

@@ -25,9 +25,9 @@ pub fn init() {
 }
 
 pub fn print(args: fmt::Arguments<'_>) {
-    // Exception handlers may print while the lock is held by the code they
-    // interrupted; interrupts are off in the kernel, so a spin is a
-    // deadlock only in that case, which `force_unlock` in `panic` handles.
+    // The kernel runs with interrupts off, so only an exception or a panic
+    // in the middle of a print finds the lock taken; both never return to
+    // the interrupted code and call `force_unlock` first.
     if let Some(port) = PORT.lock().as_mut() {
         let _ = port.write_fmt(args);
     }
@@ -43,7 +43,8 @@ pub fn flush() {
     }
 }
 
-/// For the panic path: the panicking code may hold the port lock.
+/// For the exception and panic paths: the code they stopped may hold the
+/// port lock, and it will never run again.
 pub unsafe fn force_unlock() {
     unsafe { PORT.force_unlock() }
 }

@@ -9,7 +9,7 @@ use alloc::boxed::Box;
 use core::fmt;
 use hvcore::vmx::{FeatureControl, Missing, VmxCaps};
 use x86::msr::{rdmsr, wrmsr};
-use x86_64::registers::control::{Cr0, Cr4};
+use x86_64::registers::control::{Cr0, Cr4, Cr4Flags};
 
 pub enum VmxError {
     NoVmx,
@@ -67,8 +67,6 @@ pub fn enable() -> Result<Vmx, VmxError> {
     log::info!("vmx: on (VMCS revision {:#x})", caps.revision_id());
     Ok(Vmx { caps, _vmxon_region: region })
 }
-
-use x86_64::registers::control::Cr4Flags;
 
 fn log_caps(c: &VmxCaps) {
     log::info!(
