@@ -97,8 +97,9 @@ impl Run<'_> {
             if to_summary.is_none() && text.contains(SUMMARY_MARKER) {
                 to_summary = Some(started.elapsed());
             }
-            // Only a whole line counts: the code may still be arriving.
-            let result = text.lines().filter(|_| text.ends_with('\n')).find_map(ExitCode::from_serial_line);
+            // Only whole lines count: the code may still be arriving.
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            let result = whole.lines().find_map(ExitCode::from_serial_line);
             let outcome = match (result, exited) {
                 (Some(code), _) => Some(Outcome::Exited(code)),
                 (None, Some(status)) => Some(Outcome::NoResult(format!(

@@ -128,7 +128,6 @@ pub struct Hypervisor {
     host: Host,
     vms: Vec<Vm>,
     msr_bitmap: Box<Page>,
-    slices: u64,
     mode: NotifierMode,
     /// TSC ticks `run` took (in Bochs, about one per instruction).
     tsc_ticks: u64,
@@ -144,7 +143,7 @@ impl Hypervisor {
         let mut msr_bitmap = Page::zeroed();
         msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
         let host = Host { caps: vmx.caps, pm, sharing, converged_logged: false, oom_test, starving_someone: false, held: Vec::new() };
-        Hypervisor { host, vms: Vec::new(), msr_bitmap, slices: 0, mode, tsc_ticks: 0 }
+        Hypervisor { host, vms: Vec::new(), msr_bitmap, mode, tsc_ticks: 0 }
     }
 
     /// Creates a VM running `guest_elf` in scenario `scn`. A guest that
@@ -243,7 +242,7 @@ impl Hypervisor {
     /// One time slice of VM `i`: enter, handle exits, until it yields, its
     /// timer expires or it ends.
     fn slice(&mut self, i: usize) {
-        self.slices += 1;
+        self.vms[i].slices += 1;
         self.host.starve(&self.vms[i]);
         self.run_slice(i);
         self.host.feed();
@@ -273,9 +272,9 @@ impl Hypervisor {
                 }
             }
         }
-        let slices = vm.exits[reason::PREEMPTION_TIMER as usize] + vm.exits[reason::VMCALL as usize];
-        if slices > MAX_SLICES {
+        if vm.slices > MAX_SLICES {
             vm.stop(Cause::Unhandled(format!("still running after {MAX_SLICES} time slices")));
+            vm.vmcs.clear();
         }
     }
 
@@ -338,7 +337,8 @@ impl Hypervisor {
             "run: {} VM exits in {} TSC ticks ({} ticks per exit, handling and guest time included)",
             exits, self.tsc_ticks, self.tsc_ticks / exits.max(1)
         );
-        log::info!("{} VMs in {} time slices; {}", self.vms.len(), self.slices,
+        let slices: u64 = self.vms.iter().map(|vm| vm.slices).sum();
+        log::info!("{} VMs in {} time slices; {}", self.vms.len(), slices,
             if all_ok { "all ended as expected" } else { "some did NOT end as expected" });
         all_ok
     }

@@ -57,6 +57,8 @@ pub struct Vm {
     pub launched: bool,
     pub serial: SerialDevice,
     pub exits: [u64; reason::COUNT],
+    /// Time slices it was given.
+    pub slices: u64,
     pub checks: Vec<Check>,
     pub unknown_ports: u64,
     pub refused_hypercalls: u64,
@@ -91,6 +93,7 @@ impl Vm {
             launched: false,
             serial: SerialDevice::default(),
             exits: [0; reason::COUNT],
+            slices: 0,
             checks: Vec::new(),
             unknown_ports: 0,
             refused_hypercalls: 0,

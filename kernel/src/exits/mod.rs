@@ -14,6 +14,11 @@ use crate::vmx::vmcs::{read, write};
 use hvcore::vmx::exit::{exit_reason_name, is_vmx_instruction, reason};
 use x86::vmx::vmcs::{control, guest, ro};
 
+/// Bits of the event-information format shared by the VM-entry
+/// interruption-information and IDT-vectoring fields (SDM Vol. 3C 25.8.3).
+const EVENT_VALID: u64 = 1 << 31;
+const EVENT_DELIVERS_ERROR_CODE: u64 = 1 << 11;
+
 pub enum Next {
     /// Re-enter the same VM.
     Resume,
@@ -76,15 +81,13 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
 /// it (SDM Vol. 3C 28.2.4, 27.6.1). A handler that injects an event of its
 /// own replaces it.
 fn reinject_interrupted_event() {
-    const VALID: u64 = 1 << 31;
-    const ERROR_CODE_VALID: u64 = 1 << 11;
     let info = read(ro::IDT_VECTORING_INFO);
-    if info & VALID == 0 {
+    if info & EVENT_VALID == 0 {
         return;
     }
     // Bit 12 of the vectoring information is undefined; entry wants it 0.
     let _ = write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
-    if info & ERROR_CODE_VALID != 0 {
+    if info & EVENT_DELIVERS_ERROR_CODE != 0 {
         let _ = write(control::VMENTRY_EXCEPTION_ERR_CODE, read(ro::IDT_VECTORING_ERR_CODE));
     }
     let _ = write(control::VMENTRY_INSTRUCTION_LEN, read(ro::VMEXIT_INSTRUCTION_LEN));
@@ -100,11 +103,9 @@ pub fn skip_instruction() {
 /// Queues a hardware exception for the next VM entry (SDM Vol. 3C 27.6.1).
 pub fn inject_exception(vm: &mut Vm, vector: u8, error_code: Option<u32>) -> Next {
     const HARDWARE_EXCEPTION: u64 = 3 << 8;
-    const DELIVER_ERROR_CODE: u64 = 1 << 11;
-    const VALID: u64 = 1 << 31;
-    let mut info = vector as u64 | HARDWARE_EXCEPTION | VALID;
+    let mut info = vector as u64 | HARDWARE_EXCEPTION | EVENT_VALID;
     if let Some(code) = error_code {
-        info |= DELIVER_ERROR_CODE;
+        info |= EVENT_DELIVERS_ERROR_CODE;
         let _ = write(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
     }
     match write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info) {

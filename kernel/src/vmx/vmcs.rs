@@ -3,6 +3,8 @@
 
 use crate::memory::Page;
 use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
 use hvcore::guest_boot::{self as boot, BootState};
 use hvcore::vmx::caps::adjust_controls;
 use hvcore::vmx::VmxCaps;
@@ -20,10 +22,6 @@ pub struct Vmcs {
 /// the field; ends the VM being set up.
 #[derive(Debug)]
 pub struct FieldError(pub u32);
-
-/// A control the CPU does not allow, by name.
-#[derive(Debug)]
-pub struct ControlError(pub &'static str, pub u32);
 
 pub fn write(field: u32, value: u64) -> Result<(), FieldError> {
     // SAFETY: a VMCS is current whenever the VM code calls this.
@@ -66,31 +64,35 @@ pub struct Setup<'a> {
 }
 
 /// Fills the current VMCS: controls, host state, guest state.
-pub fn setup(s: &Setup<'_>) -> Result<(), alloc::string::String> {
-    controls(s).map_err(|ControlError(name, bits)| alloc::format!("the CPU refuses {name} controls {bits:#x}"))?;
-    host_state().map_err(|e| alloc::format!("host field {:#x} not writable", e.0))?;
-    guest_state(s).map_err(|e| alloc::format!("guest field {:#x} not writable", e.0))
+pub fn setup(s: &Setup<'_>) -> Result<(), String> {
+    controls(s)?;
+    host_state().map_err(|e| format!("host field {:#x} not writable", e.0))?;
+    guest_state(s).map_err(|e| format!("guest field {:#x} not writable", e.0))
 }
 
-fn controls(s: &Setup<'_>) -> Result<(), ControlError> {
+fn controls(s: &Setup<'_>) -> Result<(), String> {
     let c = s.caps;
-    let adj = |name, cap, want: u32| adjust_controls(cap, want).map_err(|bits| ControlError(name, bits));
-    let w = |field, v: u32| write(field, v as u64).map_err(|_| ControlError("field", field));
+    let field = |e: FieldError| format!("control field {:#x} not writable", e.0);
+    // Each control value from its capability MSR, refusals named.
+    let set = |f: u32, name: &str, cap: u64, want: u32| {
+        let v = adjust_controls(cap, want).map_err(|bits| format!("the CPU refuses {name} controls {bits:#x}"))?;
+        write(f, v as u64).map_err(field)
+    };
 
     let pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
-    w(control::PINBASED_EXEC_CONTROLS, adj("pin-based", c.pinbased, pin.bits())?)?;
+    set(control::PINBASED_EXEC_CONTROLS, "pin-based", c.pinbased, pin.bits())?;
 
     let primary = PrimaryControls::HLT_EXITING
         | PrimaryControls::UNCOND_IO_EXITING
         | PrimaryControls::USE_MSR_BITMAPS
         | PrimaryControls::SECONDARY_CONTROLS;
-    w(control::PRIMARY_PROCBASED_EXEC_CONTROLS, adj("primary processor-based", c.procbased, primary.bits())?)?;
+    set(control::PRIMARY_PROCBASED_EXEC_CONTROLS, "primary processor-based", c.procbased, primary.bits())?;
 
     let mut secondary = SecondaryControls::ENABLE_EPT;
     if s.vpid.is_some() {
         secondary |= SecondaryControls::ENABLE_VPID;
     }
-    w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, adj("secondary", c.procbased2, secondary.bits())?)?;
+    set(control::SECONDARY_PROCBASED_EXEC_CONTROLS, "secondary", c.procbased2, secondary.bits())?;
 
     // Keep the preemption timer's remaining count across exits when the
     // CPU can, so a VM that exits often still gets a fair slice.
@@ -101,25 +103,27 @@ fn controls(s: &Setup<'_>) -> Result<(), ControlError> {
     if (c.exit >> 32) as u32 & ExitControls::SAVE_VMX_PREEMPTION_TIMER.bits() != 0 {
         exit |= ExitControls::SAVE_VMX_PREEMPTION_TIMER;
     }
-    w(control::VMEXIT_CONTROLS, adj("VM-exit", c.exit, exit.bits())?)?;
+    set(control::VMEXIT_CONTROLS, "VM-exit", c.exit, exit.bits())?;
     let entry = EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER;
-    w(control::VMENTRY_CONTROLS, adj("VM-entry", c.entry, entry.bits())?)?;
+    set(control::VMENTRY_CONTROLS, "VM-entry", c.entry, entry.bits())?;
 
-    let w64 = |field, v: u64| write(field, v).map_err(|_| ControlError("field", field));
-    w64(control::EXCEPTION_BITMAP, 0)?;
-    w64(control::MSR_BITMAPS_ADDR_FULL, s.msr_bitmap)?;
-    w64(control::EPTP_FULL, s.eptp)?;
+    let mut fields = [
+        (control::EXCEPTION_BITMAP, 0),
+        (control::MSR_BITMAPS_ADDR_FULL, s.msr_bitmap),
+        (control::EPTP_FULL, s.eptp),
+        // CR0/CR4 bits VMX fixes are owned by the host: the guest reads its
+        // own values from the shadows and a write that changes them exits.
+        (control::CR0_GUEST_HOST_MASK, c.cr0_fixed.0 | !c.cr0_fixed.1),
+        (control::CR4_GUEST_HOST_MASK, c.cr4_fixed.0 | !c.cr4_fixed.1),
+        (control::CR0_READ_SHADOW, s.boot.cr0),
+        (control::CR4_READ_SHADOW, s.boot.cr4),
+        (control::CR3_TARGET_COUNT, 0),
+    ]
+    .to_vec();
     if let Some(vpid) = s.vpid {
-        w64(control::VPID, vpid as u64)?;
+        fields.push((control::VPID, vpid as u64));
     }
-    // CR0/CR4 bits VMX fixes are owned by the host: the guest reads its own
-    // values from the shadows and a write that changes them exits.
-    w64(control::CR0_GUEST_HOST_MASK, c.cr0_fixed.0 | !c.cr0_fixed.1)?;
-    w64(control::CR4_GUEST_HOST_MASK, c.cr4_fixed.0 | !c.cr4_fixed.1)?;
-    w64(control::CR0_READ_SHADOW, s.boot.cr0)?;
-    w64(control::CR4_READ_SHADOW, s.boot.cr4)?;
-    w64(control::CR3_TARGET_COUNT, 0)?;
-    Ok(())
+    fields.into_iter().try_for_each(|(f, v)| write(f, v).map_err(field))
 }
 
 fn host_state() -> Result<(), FieldError> {
