@@ -38,9 +38,8 @@ use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SH
 use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
 use crate::stage2::{Perms, Stage2};
 use crate::stats::KsmStats;
+use crate::content_index::ContentIndex;
 use alloc::vec::Vec;
-use core::hash::{BuildHasherDefault, Hasher};
-use hashbrown::HashMap;
 
 /// Who may share frames with whom.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,26 +116,6 @@ pub struct PassStats {
     pub changed: u64,
 }
 
-/// The index keys are already xxh3 hashes: use them as they are.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type KeyBuild = BuildHasherDefault<KeyHasher>;
-
 const NIL: u32 = u32::MAX;
 
 /// A merged frame (KSM's stable node). 24 bytes.
@@ -159,9 +138,9 @@ pub(crate) struct Ksm {
     stable: Vec<StableFrame>,
     free_ids: Vec<u32>,
     /// Key -> first merged frame of the chain with that key.
-    stable_index: HashMap<u64, u32, KeyBuild>,
+    stable_index: ContentIndex,
     /// Key -> page ref ([`page_ref`]) of an unchanged page of this pass.
-    unstable: HashMap<u64, u64, KeyBuild>,
+    unstable: ContentIndex,
     /// (domain, stable id) of each zero frame.
     zero_frames: Vec<(u32, u32)>,
     zero_hash: u64,
@@ -178,8 +157,11 @@ pub(crate) struct Ksm {
     checksums_reused: u64,
 }
 
+/// The index key of content `hash` in sharing domain `domain`; never 0
+/// (the index's empty mark). Equal keys only nominate candidates: every
+/// merge is decided by a byte compare.
 fn key_of(hash: u64, domain: u32) -> u64 {
-    hash ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    (hash ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
 }
 
 fn page_ref(vm: usize, gfn: u64) -> u64 {
@@ -197,8 +179,8 @@ impl Ksm {
             config,
             stable: Vec::new(),
             free_ids: Vec::new(),
-            stable_index: HashMap::default(),
-            unstable: HashMap::default(),
+            stable_index: ContentIndex::new(),
+            unstable: ContentIndex::new(),
             zero_frames: Vec::new(),
             zero_hash: xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]),
             cursor: (0, 0, 0),
@@ -232,15 +214,15 @@ impl Ksm {
 
     /// A new merged frame for content `key`, first in its chain.
     fn new_stable(&mut self, frame: u32, key: u64) -> u32 {
-        let next = self.stable_index.get(&key).copied().unwrap_or(NIL);
+        let next = self.stable_index.get(key).map_or(NIL, |id| id as u32);
         let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next, zero: false, live: true });
-        self.stable_index.insert(key, id);
+        self.stable_index.insert(key, id as u64);
         id
     }
 
     /// The first merged frame with content `key` that has room.
     fn stable_with_room(&self, key: u64) -> Option<u32> {
-        let mut id = *self.stable_index.get(&key)?;
+        let mut id = self.stable_index.get(key)? as u32;
         while id != NIL {
             let s = &self.stable[id as usize];
             if s.sharers < self.config.max_page_sharing {
@@ -278,12 +260,12 @@ impl Ksm {
         if s.zero {
             self.zero_frames.retain(|&(_, z)| z != id);
         } else {
-            let head = self.stable_index[&s.key];
+            let head = self.stable_index.get(s.key).expect("a merged frame is in the index") as u32;
             if head == id {
                 if s.next == NIL {
-                    self.stable_index.remove(&s.key);
+                    self.stable_index.remove(s.key);
                 } else {
-                    self.stable_index.insert(s.key, s.next);
+                    self.stable_index.insert(s.key, s.next as u64);
                 }
             } else {
                 let mut p = head;
@@ -377,6 +359,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let PageManager { mem, frames, vms, ksm, .. } = self;
         while res.visited < batch && next_page(ksm, vms, &mut res) {
             let (vi, si, pi) = ksm.cursor;
+            prefetch_index_ahead(vms, ksm, vi, si, pi + PREFETCH_DISTANCE);
             ksm.cursor.2 += 1;
             ksm.visited_this_pass += 1;
             res.visited += 1;
@@ -477,6 +460,29 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
     }
 }
 
+/// How many pages ahead of the one being scanned [`prefetch_index_ahead`]
+/// works: enough for a miss to complete while the pages in between are
+/// scanned (each takes several hundred ns).
+const PREFETCH_DISTANCE: usize = 4;
+
+/// Starts loading the index lines that scanning page `pi` of the slot will
+/// look up, a few pages before it gets there: those lookups land anywhere
+/// in tables that outgrow the caches as memory grows, and a miss then
+/// overlaps with the scan of the pages in between instead of stalling it.
+/// The page's key is not known before it is hashed, but the checksum from
+/// its last look is in its entry, and in the passes that merge most pages
+/// are unchanged: that checksum predicts the key. A wrong guess (the page
+/// changed) only wastes the prefetch; nothing here changes any state.
+fn prefetch_index_ahead<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, vi: usize, si: usize, pi: usize) {
+    let Some(v) = vms[vi].as_ref() else { return };
+    let (Some(domain), Some(e)) = (v.domain, v.slots[si].pages.get(pi)) else { return };
+    if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
+        let key = key_of(e.aux, domain);
+        ksm.stable_index.prefetch(key);
+        ksm.unstable.prefetch(key);
+    }
+}
+
 /// Moves the cursor to the next mergeable page slot, ending the pass when
 /// it runs past the last VM. False if there is nothing to scan.
 fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResult) -> bool {
@@ -513,7 +519,7 @@ fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResu
 fn scan_one<P: PhysMem, S: Stage2>(
     mem: &P,
     frames: &mut FrameAllocator,
-    vms: &mut [Option<crate::page_manager::Vm<S>>],
+    vms: &mut [Option<Vm<S>>],
     ksm: &mut Ksm,
     vi: usize,
     si: usize,
@@ -582,8 +588,8 @@ fn scan_one<P: PhysMem, S: Stage2>(
     }
     // 4. An unchanged twin seen earlier in this pass.
     let me = page_ref(vi, gfn);
-    let twin = match ksm.unstable.get(&key) {
-        Some(&q) if q != me => valid_twin(vms, q, domain, sum),
+    let twin = match ksm.unstable.get(key) {
+        Some(q) if q != me => valid_twin(vms, q, domain, sum),
         _ => None,
     };
     let Some((qvi, qsi, qpi)) = twin else {
@@ -605,7 +611,7 @@ fn scan_one<P: PhysMem, S: Stage2>(
         ksm.mismatches += 1;
         return 0;
     }
-    ksm.unstable.remove(&key);
+    ksm.unstable.remove(key);
     let id = ksm.new_stable(qe.frame, key);
     ksm.stable[id as usize].sharers = 1;
     ksm.merges += 1;
@@ -621,7 +627,7 @@ fn scan_one<P: PhysMem, S: Stage2>(
 /// The page behind an unstable-index entry, if it is still an unmerged,
 /// unchanged page of the same domain.
 fn valid_twin<S: Stage2>(
-    vms: &[Option<crate::page_manager::Vm<S>>],
+    vms: &[Option<Vm<S>>],
     q: u64,
     domain: u32,
     sum: u64,

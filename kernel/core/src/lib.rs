@@ -9,6 +9,7 @@
 extern crate alloc;
 
 pub mod bundle;
+mod content_index;
 pub mod cpuid;
 pub mod dedupe;
 pub mod ept;
@@ -20,6 +21,7 @@ pub mod mmu_notifier;
 pub mod options;
 pub mod page_manager;
 pub mod phys;
+pub mod prefetch;
 pub mod serial_device;
 pub mod sim;
 pub mod stage2;
