@@ -55,8 +55,10 @@ impl ContentIndex {
         (key >> self.shift) as usize
     }
 
-    /// At most 3/4 full: an unsuccessful lookup (the common case: most
-    /// pages have no twin) then reads about two lines at worst.
+    /// At most 3/4 full (3/8 just after growing): an unsuccessful lookup,
+    /// the common case (most pages have no twin), then reads about 8.5
+    /// slots, two or three lines, on average at the fullest (Knuth's
+    /// linear-probing estimate, (1 + 1/(1-a)^2)/2), far fewer below it.
     fn fits(slots: usize, len: usize) -> bool {
         len * 4 <= slots * 3
     }
