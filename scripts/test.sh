@@ -23,6 +23,17 @@ else
     bad "cargo test (see target/cargo-test.log)"
 fi
 
+# Lints: the host crates (tests and the benchmark too) and the bare-metal
+# ones, with the pinned toolchain's clippy; any warning fails.
+echo "== cargo clippy =="
+if cargo clippy --quiet --all-targets -p hvcore -p boot -- -D warnings >target/clippy.log 2>&1 \
+    && cargo clippy --quiet --release --target x86_64-unknown-none -p kernel -p guest -- -D warnings >>target/clippy.log 2>&1; then
+    ok "cargo clippy: no warnings (host and bare-metal crates)"
+else
+    bad "cargo clippy (see target/clippy.log)"
+    grep -E '^(warning|error)' -A5 target/clippy.log | head -40
+fi
+
 # Build the bare-metal crates once, so the boots below time only the boot.
 if ! cargo run --quiet -- build --name default >/dev/null; then
     bad "building the kernel and images"

@@ -194,7 +194,7 @@ fn splitmix(x: &mut u64) -> u64 {
 /// Random page content from a seed (wyrand).
 fn fill_random(buf: &mut [u8; PAGE_SIZE], seed: u64) {
     let mut s = seed;
-    for c in buf.chunks_exact_mut(8) {
+    for c in buf.as_chunks_mut::<8>().0 {
         s = s.wrapping_add(0xa076_1d64_78bd_642f);
         let t = (s as u128).wrapping_mul((s ^ 0xe703_7ed1_a0b4_28db) as u128);
         c.copy_from_slice(&(((t >> 64) ^ t) as u64).to_le_bytes());
@@ -446,7 +446,7 @@ fn read_floor(pages: usize, huge: bool) -> Floor {
     for _ in 0..3 {
         let c = Clock::start();
         let mut s = [0u64; 8];
-        for ch in v.chunks_exact(8) {
+        for ch in v.as_chunks::<8>().0 {
             for (a, b) in s.iter_mut().zip(ch) {
                 *a = a.wrapping_add(*b);
             }
@@ -457,9 +457,9 @@ fn read_floor(pages: usize, huge: bool) -> Floor {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut acc = [0u64; 8];
     let c = Clock::start();
-    for page in v.chunks_exact(PAGE_SIZE / 8) {
+    for page in v.as_chunks::<{ PAGE_SIZE / 8 }>().0 {
         let j = (splitmix(&mut x) % pages as u64) as usize * (PAGE_SIZE / 8);
-        for (p, q) in page.chunks_exact(8).zip(v[j..j + PAGE_SIZE / 8].chunks_exact(8)) {
+        for (p, q) in page.as_chunks::<8>().0.iter().zip(v[j..j + PAGE_SIZE / 8].as_chunks::<8>().0) {
             for (a, (p, q)) in acc.iter_mut().zip(p.iter().zip(q)) {
                 *a = a.wrapping_add(p ^ q);
             }

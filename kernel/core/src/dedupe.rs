@@ -169,7 +169,7 @@ fn page_ref(vm: usize, gfn: u64) -> u64 {
 }
 
 fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
-    page.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+    page.as_chunks::<64>().0.iter().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 impl Ksm {

@@ -291,7 +291,7 @@ impl EptTables {
     }
 
     fn check_range(range: &Range<u64>) -> Range<u64> {
-        debug_assert!(range.start % 4096 == 0 && range.end % 4096 == 0, "unaligned range {range:#x?}");
+        debug_assert!(range.start.is_multiple_of(4096) && range.end.is_multiple_of(4096), "unaligned range {range:#x?}");
         range.start.min(GPA_LIMIT)..range.end.min(GPA_LIMIT)
     }
 }
@@ -314,7 +314,7 @@ impl Stage2 for EptTables {
         if gpa >= GPA_LIMIT {
             return Err(MapError::OutOfRange);
         }
-        if gpa % span(1) != 0 || !hpa.is_page_aligned() {
+        if !gpa.is_multiple_of(span(1)) || !hpa.is_page_aligned() {
             return Err(MapError::Unaligned);
         }
         let old = self.lookup(mem, gpa);
@@ -341,7 +341,7 @@ impl Stage2 for EptTables {
         if gpa >= GPA_LIMIT {
             return Err(MapError::OutOfRange);
         }
-        if gpa % span(2) != 0 || hpa.0 % span(2) != 0 {
+        if !gpa.is_multiple_of(span(2)) || !hpa.0.is_multiple_of(span(2)) {
             return Err(MapError::Unaligned);
         }
         let t = self.walk_create(mem, frames, gpa, 2)?;

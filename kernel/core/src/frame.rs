@@ -130,6 +130,8 @@ impl FrameAllocator {
 }
 
 #[cfg(test)]
+// The allocator takes a list of ranges; these tests give it one.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use alloc::collections::BTreeSet;

@@ -55,6 +55,7 @@ pub const PD_BASE: u64 = 0x4000;
 pub const STACK_TOP: u64 = 0xF_F000;
 /// Segments may not start below this: the protocol's own area.
 pub const RESERVED_END: u64 = 0x10_0000;
+const _: () = assert!(STACK_TOP <= RESERVED_END && STACK_TOP.is_multiple_of(16));
 /// How much the page tables map (identity, 2 MiB pages).
 pub const MAPPED_END: u64 = 1 << 30;
 
@@ -408,7 +409,7 @@ pub fn gdt_bytes() -> [u8; GDT_ENTRIES * 8] {
     let tss = tss_descriptor(TSS_BASE, TSS_LIMIT, true);
     let entries = [0, GDT_CODE, GDT_DATA, tss[0], tss[1]];
     let mut out = [0; GDT_ENTRIES * 8];
-    for (chunk, e) in out.chunks_exact_mut(8).zip(entries) {
+    for (chunk, e) in out.as_chunks_mut::<8>().0.iter_mut().zip(entries) {
         chunk.copy_from_slice(&e.to_le_bytes());
     }
     out
@@ -425,13 +426,16 @@ pub fn tss_bytes() -> [u8; TSS_SIZE] {
 /// One 4 KiB page table with `entries` (the rest zero).
 fn table_bytes(entries: impl Iterator<Item = u64>) -> [u8; 4096] {
     let mut t = [0; 4096];
-    for (chunk, e) in t.chunks_exact_mut(8).zip(entries) {
+    for (chunk, e) in t.as_chunks_mut::<8>().0.iter_mut().zip(entries) {
         chunk.copy_from_slice(&e.to_le_bytes());
     }
     t
 }
 
 static ZEROS: [u8; 4096] = [0; 4096];
+
+/// How [`load`] writes guest memory: (guest-physical address, bytes).
+pub type WriteGuest<'a> = dyn FnMut(u64, &[u8]) -> Result<(), ()> + 'a;
 
 /// Loads `elf` into a VM with `mem_size` bytes of memory through `write`
 /// (guest-physical address, bytes) and builds the boot area; returns the
@@ -442,7 +446,7 @@ pub fn load(
     elf: &[u8],
     mem_size: u64,
     arg: u64,
-    write: &mut dyn FnMut(u64, &[u8]) -> Result<(), ()>,
+    write: &mut WriteGuest,
 ) -> Result<BootState, LoadError> {
     if mem_size <= RESERVED_END {
         return Err(LoadError::MemoryTooSmall { mem_size });
@@ -686,12 +690,12 @@ mod tests {
             (PD_BASE, 4096),
         ];
         for (i, a) in areas.iter().enumerate() {
-            assert!(a.0 + a.1 <= STACK_TOP - 0x1000 && a.0 + a.1 <= RESERVED_END);
+            // Below the stack's page, which is itself below RESERVED_END.
+            assert!(a.0 + a.1 <= STACK_TOP - 0x1000);
             for b in &areas[i + 1..] {
                 assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0);
             }
         }
-        assert_eq!(STACK_TOP % 16, 0);
     }
 
     #[test]

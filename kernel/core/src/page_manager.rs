@@ -218,7 +218,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let v = self.vm_mut(vm)?;
         let page = PAGE_SIZE as u64;
         let end = base_gpa.checked_add(size).ok_or(PmError::BadSlot)?;
-        if base_gpa % page != 0 || size % page != 0 || size == 0 || end > crate::ept::GPA_LIMIT {
+        if !base_gpa.is_multiple_of(page) || !size.is_multiple_of(page) || size == 0 || end > crate::ept::GPA_LIMIT {
             return Err(PmError::BadSlot);
         }
         let (g0, g1) = (base_gpa >> PAGE_SHIFT, end >> PAGE_SHIFT);
@@ -360,7 +360,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let PageManager { mem, frames, vms, ksm, .. } = self;
         let v = vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)?;
         let page = PAGE_SIZE as u64;
-        if gpa % page != 0 || len % page != 0 {
+        if !gpa.is_multiple_of(page) || !len.is_multiple_of(page) {
             return Err(PmError::BadSlot);
         }
         let range = GfnRange { start: gpa >> PAGE_SHIFT, end: (gpa + len) >> PAGE_SHIFT };

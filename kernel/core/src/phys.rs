@@ -97,7 +97,7 @@ impl Arena {
     /// An arena of `frames` zeroed frames whose first frame is at `base`
     /// (page-aligned and non-zero, so a zero address stays invalid).
     pub fn new(base: u64, frames: usize) -> Arena {
-        assert!(base != 0 && base % PAGE_SIZE as u64 == 0 && frames > 0);
+        assert!(base != 0 && base.is_multiple_of(PAGE_SIZE as u64) && frames > 0);
         let layout = Layout::from_size_align(frames * PAGE_SIZE, PAGE_SIZE).expect("arena size");
         let mem = unsafe { alloc_zeroed(layout) };
         assert!(!mem.is_null(), "arena allocation of {frames} frames failed");

@@ -174,9 +174,9 @@ fn allowed1(cap: u64) -> u32 {
 }
 
 /// A VM-execution/exit/entry control value derived from its capability
-/// MSR (SDM A.3-A.5): the allowed-0 settings (low half: bits that must be
-/// 1) are forced on, and every bit of `want` must be allowed (high half),
-/// else the bits that are not are returned.
+/// MSR (SDM A.3-A.5): the allowed-0 settings (low half: the bits that
+/// must be one) are forced on, and every bit of `want` must be allowed
+/// (high half), else the bits that are not are returned.
 pub fn adjust_controls(cap: u64, want: u32) -> Result<u32, u32> {
     let (must, may) = (cap as u32, (cap >> 32) as u32);
     let refused = want & !may;
