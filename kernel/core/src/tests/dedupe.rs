@@ -302,46 +302,6 @@ fn scan_converges_and_unconverges_when_memory_changes() {
     assert!(pm.ksm_stats().full_scans >= 4);
 }
 
-/// Rough timing of merging 1 GiB (run with
-/// `cargo test -p hvcore --release -- --ignored --nocapture merge_1gib`).
-#[test]
-#[ignore]
-fn merge_1gib_timing() {
-    extern crate std;
-    const PAGES: u64 = 1 << 18;
-    for (name, distinct) in [("1024 contents", 1024u64), ("all zero", 0), ("all unique", PAGES)] {
-        let mut pm = pm(PAGES as usize + 2048, DedupeConfig::default());
-        let (v, _) = vm(&mut pm, PAGES, true, NotifierMode::ChangePte, None);
-        let mut g = SimGuest::new(v);
-        let mut page = [0u8; 4096];
-        for p in 0..PAGES {
-            let c = if distinct == 0 { 0 } else { p % distinct };
-            page[..8].copy_from_slice(&(c.wrapping_mul(0x9e37_79b9) ^ if distinct == 0 { 0 } else { 1 }).to_le_bytes());
-            if distinct == 0 {
-                page[..8].fill(0);
-            }
-            g.write(&mut pm, gpa(p), &page).unwrap();
-        }
-        let t = std::time::Instant::now();
-        let mut passes = 0;
-        let mut times = std::vec::Vec::new();
-        while !pm.scan_converged() {
-            let r = pm.scan(1 << 16);
-            if r.full_scans_completed > 0 {
-                times.push(t.elapsed());
-            }
-            passes += r.full_scans_completed;
-        }
-        let dt = t.elapsed();
-        std::println!("pass end times {times:?}");
-        let s = pm.ksm_stats();
-        std::println!(
-            "{name}: {passes} passes in {dt:?}: shared {} sharing {} zero {} unshared {}",
-            s.pages_shared, s.pages_sharing, s.zero_pages, s.pages_unshared
-        );
-    }
-}
-
 #[test]
 fn one_change_bracket_per_merge() {
     let mut pm = pm(128, DedupeConfig::default());
