@@ -30,6 +30,7 @@ fi
 toolchain=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 if ! rustup toolchain list | grep -q "^$toolchain" ||
    ! rustup component list --toolchain "$toolchain" --installed 2>/dev/null | grep -q '^rust-src' ||
+   ! rustup component list --toolchain "$toolchain" --installed 2>/dev/null | grep -q '^clippy' ||
    ! rustup target list --toolchain "$toolchain" --installed 2>/dev/null | grep -q '^x86_64-unknown-none'; then
     echo "setup: installing Rust $toolchain"
     rustup toolchain install "$toolchain" --profile minimal \

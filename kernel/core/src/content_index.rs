@@ -19,7 +19,8 @@
 use alloc::vec::Vec;
 
 /// A slot: [key, value]. All-zero is empty, so a new table is one zeroed
-/// allocation (no stores: the allocator's fresh pages already read zero).
+/// allocation (calloc on the host, which skips fresh pages; the kernel's
+/// allocator writes the zeros).
 type Slot = [u64; 2];
 
 const EMPTY: u64 = 0;
@@ -60,7 +61,7 @@ impl ContentIndex {
     /// slots, two or three lines, on average at the fullest (Knuth's
     /// linear-probing estimate, (1 + 1/(1-a)^2)/2), far fewer below it.
     fn fits(slots: usize, len: usize) -> bool {
-        len * 4 <= slots * 3
+        len.saturating_mul(4) <= slots.saturating_mul(3)
     }
 
     /// Starts loading the line of `key`'s home slot into the cache.
@@ -99,13 +100,19 @@ impl ContentIndex {
 
     /// Sets `key`'s value; returns the one it replaced.
     pub fn insert(&mut self, key: u64, val: u64) -> Option<u64> {
-        self.reserve(self.len + 1);
-        let (i, found) = self.probe(key);
-        let slot = &mut self.slots[i];
-        if found {
-            return Some(core::mem::replace(&mut slot[1], val));
+        if self.slots.is_empty() {
+            self.reserve(1);
         }
-        *slot = [key, val];
+        let (mut i, found) = self.probe(key);
+        if found {
+            return Some(core::mem::replace(&mut self.slots[i][1], val));
+        }
+        // Grow only for a new key (a replacement at the limit must not).
+        if !Self::fits(self.slots.len(), self.len + 1) {
+            self.reserve(self.len + 1);
+            i = self.probe(key).0;
+        }
+        self.slots[i] = [key, val];
         self.len += 1;
         None
     }
@@ -161,7 +168,7 @@ impl ContentIndex {
         }
         let mut n = self.slots.len().max(MIN_SLOTS);
         while !Self::fits(n, total) {
-            n *= 2;
+            n = n.checked_mul(2).expect("content index capacity overflow");
         }
         if n == self.slots.len() {
             return;
@@ -170,8 +177,9 @@ impl ContentIndex {
         let old = core::mem::replace(&mut self.slots, alloc::vec![[EMPTY, 0]; n]);
         self.shift = 64 - n.trailing_zeros();
         // With the home slot in the key's top bits, the old table's entries
-        // come out in home order and land in the new table in the same
-        // order: both tables are walked front to back.
+        // come out nearly in home order (but for a run that wrapped past
+        // its end) and land in the new table in that order: both tables
+        // are walked front to back.
         for s in old.into_iter().filter(|s| s[0] != EMPTY) {
             let (i, _) = self.probe(s[0]);
             self.slots[i] = s;
@@ -207,6 +215,21 @@ mod tests {
         assert_eq!((t.get(3), t.get(5), t.len()), (None, Some(50), 1));
         t.clear();
         assert_eq!((t.get(5), t.len()), (None, 0));
+    }
+
+    #[test]
+    fn grows_only_for_new_keys() {
+        let mut t = ContentIndex::new();
+        let key = |k: u64| (k << 58) | 1;
+        for k in 0..12 {
+            t.insert(key(k), k); // 12 of 16 slots: the 3/4 limit
+        }
+        assert_eq!(t.bytes(), 16 * 16);
+        assert_eq!(t.insert(key(3), 99), Some(3));
+        assert_eq!(t.bytes(), 16 * 16, "a replacement at the limit grew the table");
+        assert_eq!(t.insert(key(12), 12), None);
+        assert_eq!(t.bytes(), 32 * 16);
+        assert_eq!((0..13).map(|k| t.get(key(k)).unwrap()).sum::<u64>(), (0..13).sum::<u64>() - 3 + 99);
     }
 
     #[test]

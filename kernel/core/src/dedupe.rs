@@ -474,8 +474,8 @@ const PREFETCH_DISTANCE: usize = 4;
 /// are unchanged: that checksum predicts the key. A wrong guess (the page
 /// changed) only wastes the prefetch; nothing here changes any state.
 fn prefetch_index_ahead<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, vi: usize, si: usize, pi: usize) {
-    let Some(v) = vms[vi].as_ref() else { return };
-    let (Some(domain), Some(e)) = (v.domain, v.slots[si].pages.get(pi)) else { return };
+    let Some(v) = vms.get(vi).and_then(|v| v.as_ref()) else { return };
+    let (Some(domain), Some(e)) = (v.domain, v.slots.get(si).and_then(|s| s.pages.get(pi))) else { return };
     if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
         let key = key_of(e.aux, domain);
         ksm.stable_index.prefetch(key);
