@@ -32,13 +32,13 @@
 //! 16-byte map entry; per merged frame one 24-byte record and one map
 //! entry.
 
+use crate::content_index::ContentIndex;
 use crate::frame::FrameAllocator;
 use crate::mmu_notifier::{GfnRange, InvalidateEvent, Mmu};
 use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SHARED, F_TRACKED, F_UNSTABLE, NO_FRAME};
 use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
 use crate::stage2::{Perms, Stage2};
 use crate::stats::KsmStats;
-use crate::content_index::ContentIndex;
 use alloc::vec::Vec;
 
 /// Who may share frames with whom.

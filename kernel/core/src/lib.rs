@@ -21,7 +21,7 @@ pub mod mmu_notifier;
 pub mod options;
 pub mod page_manager;
 pub mod phys;
-pub mod prefetch;
+mod prefetch;
 pub mod serial_device;
 pub mod sim;
 pub mod stage2;
