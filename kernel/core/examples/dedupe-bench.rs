@@ -334,7 +334,8 @@ fn run_ours(shape: &Shape, vms: usize, cfg: DedupeConfig, batch: usize, huge: bo
     let ids: Vec<VmId> = per_vm
         .iter()
         .map(|&p| {
-            let cfg = VmConfig { mode: NotifierMode::ChangePte, share_group: None };
+            // The whole arena: the benchmark measures the dedupe, not quotas.
+            let cfg = VmConfig { mode: NotifierMode::ChangePte, share_group: None, frame_quota: frames };
             let id = pm.create_vm(cfg, Box::new(CountingFlush::default())).expect("create_vm");
             pm.add_slot(id, RAM, (p * PAGE_SIZE) as u64, true).expect("add_slot");
             id

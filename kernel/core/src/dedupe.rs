@@ -313,6 +313,7 @@ fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, 
     let target = ksm.frame_of(id);
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
     v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id as u64, flags: F_SHARED };
+    v.private_frames -= 1; // its frame is freed: no longer charged to the VM
     ksm.stable[id as usize].sharers += 1;
     ksm.merges += 1;
     old.pa()
@@ -615,7 +616,9 @@ fn scan_one<P: PhysMem, S: Stage2>(
     let id = ksm.new_stable(qe.frame, key);
     ksm.stable[id as usize].sharers = 1;
     ksm.merges += 1;
-    vms[qvi].as_mut().unwrap().slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id as u64, flags: F_SHARED };
+    let q = vms[qvi].as_mut().unwrap();
+    q.slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id as u64, flags: F_SHARED };
+    q.private_frames -= 1; // the frame is the dedupe's now, charged to no VM
     let v = vms[vi].as_mut().unwrap();
     let old = install_merged(mem, ksm, v, si, pi, id);
     v.mmu.invalidate_range_end(r);

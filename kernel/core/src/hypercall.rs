@@ -199,6 +199,11 @@ pub const fn arg_vm_index(arg: u64) -> u8 {
 
 /// What the guest program does, chosen by bits 0..8 of its RDI at entry.
 /// Check ids it REPORTs are given per scenario.
+///
+/// Scenarios 0..=8 exercise the basics; 16.. prove that a guest can end
+/// only itself: its CPU state is its own, what it is shown works, what it
+/// cannot have faults, and it cannot hang the host, flood its log, forge
+/// its verdict or take more memory than its quota. (9..16 are unused.)
 pub mod scenario {
     /// Serial "hello from the guest"; CPUID checks (REPORT 1: leaf 1 ECX
     /// bit 5 VMX clear, 2: leaf 1 ECX bit 31 hypervisor set, 3: leaf
@@ -233,16 +238,146 @@ pub mod scenario {
     /// CR3-target count above 4, SDM Vol. 3C 27.2.1.1) so its VM entry
     /// fails; the guest never runs. Proves a failed entry ends only that VM.
     pub const BAD_VMCS: u8 = 7;
-    /// The other emulated exits: IN from an unknown port reads all ones
-    /// (REPORT 70); RDMSR of an MSR that does not exist raises #GP in the
-    /// guest (71); CR4 reads back without VMXE (72); setting CR4.VMXE
-    /// exits and reads back set from the shadow (73); HLT with interrupts
-    /// on returns (74); EXIT 0.
+    /// The other emulated exits: IN from an unknown port (0x80) reads all
+    /// ones (REPORT 70); RDMSR of an MSR that does not exist raises #GP in
+    /// the guest (71); CR4 reads back without VMXE (72); setting CR4.VMXE
+    /// raises #GP(0) and leaves CR4 unchanged (73: VMX is hidden from the
+    /// guest, so VMXE is a bit its CPUID does not allow); HLT with
+    /// interrupts on returns (74); EXIT 0.
     pub const DEVICES: u8 = 8;
 
+    /// Run as several VMs at once (`vms=isolation,isolation,...`): the
+    /// per-VM CPU state. Enables CR4.OSFXSR|OSXMMEXCPT (and OSXSAVE with
+    /// XSAVE, PKE with PKU), CR0.MP with EM and TS clear (REPORT 100).
+    /// Checks CPUID.1:ECX: MONITOR (bit 3) hidden (101), OSXSAVE (bit 27)
+    /// following CR4.OSXSAVE as the guest clears and sets it (102).
+    /// XSETBV with invalid values raises #GP(0) and leaves XCR0 unchanged:
+    /// XCR0 = 0 (103), AVX without SSE (104), ECX = 1 (105), the lowest
+    /// bit CPUID.(0xD,0) EDX:EAX does not list (106), and, where AVX-512
+    /// is shown, one AVX-512 bit without the other two (107).
+    ///
+    /// Then sets, from a salt (the VM's index, so each VM's values
+    /// differ): XCR0 (even VMs: every component shown among x87, SSE,
+    /// AVX, AVX-512 and PKRU; odd VMs: x87|SSE only), the x87 control
+    /// word and eight x87 stack registers, MXCSR (rounding mode, FZ and
+    /// flag bits), XMM0-15, the upper halves of YMM0-15 (AVX), ZMM0-31 and
+    /// k0-7 (AVX-512), PKRU (PKU) — every register and lane a different
+    /// pattern — then CR2, DR0-3 (addresses the guest never touches),
+    /// DR6 (B0-3, BD, BS, BT), DR7 (enables and R/W, LEN bits on those
+    /// addresses), STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX
+    /// (with RDTSCP), CR8, IA32_PAT (entry 0 stays WB) and SYSENTER_CS/
+    /// ESP/EIP; YIELDs 50 times; reads everything back and REPORTs one
+    /// check per item, 108..=128 (see [`super::check`]); items the CPUID
+    /// does not show are not reported. Odd VMs on a CPU with AVX also
+    /// check that a VEX instruction raises #UD (129: XCR0 really lacks
+    /// AVX while they run). EXIT 0.
+    pub const ISOLATION: u8 = 16;
+    /// Drops to CPL 3 and back. Builds its own GDT (kernel code 0x08 and
+    /// data 0x10, user data 0x18 and code 0x20 at DPL 3, an available
+    /// 64-bit TSS at 0x28 whose RSP0 is a kernel stack) and loads it with
+    /// LGDT/LTR; sets the U bit on the paging entries of 2..8 MiB (code,
+    /// data, user stack) and reloads CR3; sets EFER.SCE (WRMSR), STAR,
+    /// LSTAR, SFMASK (IF|TF|DF|AC), CR0.AM and a #AC handler (REPORT 130
+    /// on all of that). IRETQ to CPL 3, where the guest checks its CPL
+    /// (131); that VMCALL returns ERROR and does nothing else for PRINT
+    /// (132; the text "ring3: FORBIDDEN print from CPL 3" must never
+    /// appear in the log), REPORT (133; it would record check 139 failed)
+    /// and EXIT(1) (134; it would end the VM); that SYSCALL reaches the
+    /// LSTAR handler at CPL 0 with RCX = the return address and RFLAGS
+    /// masked by SFMASK (135) and SYSRET returns to CPL 3 (136); that a
+    /// misaligned 8-byte load with RFLAGS.AC=1 raises #AC(0), delivered
+    /// to the guest's handler once with the CPL 3 frame (137). A last
+    /// SYSCALL returns to CPL 0 (138); the checks are REPORTed there; EXIT 0.
+    pub const RING3: u8 = 17;
+    /// Single-stepping and debug exceptions the hypervisor must reflect
+    /// (it intercepts #DB). With RFLAGS.TF=1 (set by POPFQ, so the trap
+    /// comes after the next instruction, SDM Vol. 3B 18.3.1.4), one #DB
+    /// with DR6.BS (bit 14) and RIP right after the instruction, for a NOP
+    /// (REPORT 140, no exit: the baseline), CPUID (141), a NOP hypercall
+    /// (142), an IN from an unknown port (143), and CPUID right after
+    /// `mov ss` (144: the MOV-SS shadow holds the trap until after CPUID,
+    /// SDM Vol. 3A 6.8.3); ICEBP (0xF1) raises #DB with RIP after it
+    /// (145); an instruction breakpoint (DR0 = the instruction's address,
+    /// DR7.L0, R/W0 = LEN0 = 0) raises #DB before it executes, RIP at it,
+    /// DR6.B0 set (146). EXIT 0.
+    pub const SINGLE_STEP: u8 = 18;
+    /// The #DB delivery loop (XSA-156 / CVE-2015-8104): the #DB gate uses
+    /// IST1, a data breakpoint (DR0 = the slot of IST1's stack where the
+    /// CPU pushes SS, DR7 write, 8 bytes) fires on every delivery, and
+    /// ICEBP starts it: the CPU would deliver #DB forever without running
+    /// an instruction. The hypervisor must stop this VM ("debug-exception
+    /// loop") and only it. Should the handler ever run, the guest tries
+    /// once more with a TF single-step; if that too comes back: REPORT 150
+    /// fail (detail: handler runs), EXIT 1.
+    pub const DB_LOOP: u8 = 19;
+    /// MONITOR/MWAIT: CPUID.1:ECX MONITOR (bit 3) hidden (REPORT 160);
+    /// MONITOR on a variable returns without an exception (161); MWAIT
+    /// with IF=1 returns, like HLT, after the hypervisor ran the others
+    /// (162); EXIT 0. (MWAIT with IF=0 would end the VM: never done here.)
+    pub const MWAIT: u8 = 20;
+    /// Writes the hypervisor must refuse and exits it must emulate right:
+    /// setting CR4.VMXE raises #GP(0), CR4 unchanged (170); so does
+    /// setting any CR4 bit the guest's CPUID does not allow, or a reserved
+    /// one (171); WRMSR EFER with a reserved bit (1, 9 or 63): #GP(0),
+    /// EFER unchanged (172); MOV to CR0 with bit 32 or 63: #GP(0), CR0
+    /// unchanged (173); a 32-bit IN from an unknown port (0x1230) gives
+    /// RAX = 0xFFFF_FFFF, the upper half cleared (174); 8- and 16-bit IN
+    /// from it keep RAX's other bits (175); CPUID.1 hides MONITOR (ECX 3),
+    /// VMX (ECX 5) and PDCM (ECX 15) (176) and, until the local APIC is
+    /// emulated, APIC (EDX 9), x2APIC (ECX 21) and TSC-deadline (ECX 24)
+    /// (177). EXIT 0.
+    pub const CPU_CHECKS: u8 = 21;
+    /// Tries to forge the run's verdict: prints, on serial and with PRINT,
+    /// copies of the kernel's own lines (`HV-EXIT: 0x10 success`, a VM
+    /// summary "... exited with code 0; 3 checks passed, 0 failed; 1 exits;
+    /// as expected", "... 1 VMs in 1 time slices; all ended as expected")
+    /// behind embedded `\n`, `\r`, NUL, ESC sequences (erase line, cursor
+    /// up, OSC title), backspaces, a 200-character run (the serial line
+    /// limit) and bytes that are not UTF-8; then REPORTs 180 pass and
+    /// EXITs 0. The hypervisor must log all of it prefixed and escaped:
+    /// with `vms=forge,fail` the run must still fail.
+    pub const FORGE: u8 = 22;
+    /// Floods the per-VM limits: 2000 serial lines and 2000 PRINTs as fast
+    /// as it can (beyond the log budget they are dropped and counted; the
+    /// guest does not notice: every PRINT returns 0, REPORT 190), then 299
+    /// more REPORTs of check 191 (pass, detail: the REPORT's number, 2 to
+    /// 300). The hypervisor records at most 256 REPORTs per VM: the 257th
+    /// and later must return ERROR. EXIT 0 if REPORTs 1..=256 returned 0
+    /// and exactly the 44 after them ERROR, else EXIT 1 (after waiting for
+    /// the log budget to refill, it prints the counts).
+    pub const FLOOD: u8 = 23;
+    /// REPORTs 200 failed and EXITs 1: the companion of FORGE (and a
+    /// plain "a failed VM fails the run").
+    pub const FAIL: u8 = 24;
+    /// Writes one byte (the value already there) into every 4 KiB page of
+    /// 1..8 MiB in order, printing progress every 256 pages: the VM has 8
+    /// MiB but a small frame quota for this scenario, and the hypervisor
+    /// must stop it ("frame quota") before it finishes. If it finishes:
+    /// REPORT 210 fail (detail: pages written), EXIT 1.
+    pub const MEMHOG: u8 = 25;
+
     /// Every scenario, for loops over them.
-    pub const ALL: [u8; 9] =
-        [HELLO, WILD_ACCESS, VMXON, BAD_HYPERCALL, TRIPLE_FAULT, DEDUPE, EXIT_COST, BAD_VMCS, DEVICES];
+    pub const ALL: [u8; 19] = [
+        HELLO,
+        WILD_ACCESS,
+        VMXON,
+        BAD_HYPERCALL,
+        TRIPLE_FAULT,
+        DEDUPE,
+        EXIT_COST,
+        BAD_VMCS,
+        DEVICES,
+        ISOLATION,
+        RING3,
+        SINGLE_STEP,
+        DB_LOOP,
+        MWAIT,
+        CPU_CHECKS,
+        FORGE,
+        FLOOD,
+        FAIL,
+        MEMHOG,
+    ];
 
     /// A short name for logs.
     pub fn name(s: u8) -> Option<&'static str> {
@@ -256,6 +391,16 @@ pub mod scenario {
             EXIT_COST => "exit-cost",
             BAD_VMCS => "bad-vmcs",
             DEVICES => "devices",
+            ISOLATION => "isolation",
+            RING3 => "ring3",
+            SINGLE_STEP => "single-step",
+            DB_LOOP => "db-loop",
+            MWAIT => "mwait",
+            CPU_CHECKS => "cpu-checks",
+            FORGE => "forge",
+            FLOOD => "flood",
+            FAIL => "fail",
+            MEMHOG => "memhog",
             _ => return None,
         })
     }
@@ -267,6 +412,16 @@ pub mod scenario {
 }
 
 /// Check ids the guest REPORTs.
+///
+/// # Details
+///
+/// A check's detail is the value it looked at: on a failure the first
+/// wrong value seen (the serial line before the REPORT says which
+/// register, lane or bit it was and what was wanted). Where an
+/// instruction raised an exception instead of working, or a check expects
+/// one, the detail is [`fault_detail`] of what it raised,
+/// `0xfa17_00VV_EEEE_EEEE` (vector VV, error code E), or [`NO_FAULT`] when
+/// it raised none.
 pub mod check {
     /// HELLO: CPUID.1:ECX bit 5 (VMX) is clear.
     pub const CPUID_VMX_HIDDEN: u64 = 1;
@@ -300,10 +455,184 @@ pub mod check {
     pub const UNKNOWN_MSR_GP: u64 = 71;
     /// DEVICES: CR4 reads without VMXE (detail: CR4).
     pub const CR4_VMXE_HIDDEN: u64 = 72;
-    /// DEVICES: setting CR4.VMXE reads back set (detail: CR4).
+    /// DEVICES: setting CR4.VMXE raised #GP(0) and left CR4 unchanged
+    /// (detail: the exception, see the module doc, or CR4 if it changed).
     pub const CR4_WRITE: u64 = 73;
     /// DEVICES: HLT with interrupts enabled returned.
     pub const HLT_RETURNS: u64 = 74;
+
+    /// ISOLATION: CR4.OSFXSR|OSXMMEXCPT (OSXSAVE, PKE where shown) and
+    /// CR0.MP, !EM, !TS took (detail: CR4, or the exception).
+    pub const ISO_SETUP: u64 = 100;
+    /// ISOLATION: CPUID.1:ECX bit 3 (MONITOR) is clear (detail: ECX).
+    pub const ISO_MONITOR_HIDDEN: u64 = 101;
+    /// ISOLATION: CPUID.1:ECX bit 27 (OSXSAVE) is set with CR4.OSXSAVE,
+    /// clear after the guest clears it, set again after it sets it
+    /// (detail: ECX, the first wrong one). Only with XSAVE.
+    pub const ISO_OSXSAVE_MIRROR: u64 = 102;
+    /// ISOLATION: XSETBV(0, 0) raises #GP(0), XCR0 unchanged (detail: the
+    /// exception, or XCR0 if it changed). Only with XSAVE, as are 104-107.
+    pub const XSETBV_ZERO_GP: u64 = 103;
+    /// ISOLATION: XSETBV of x87|AVX (bit 2 without bit 1): #GP(0).
+    pub const XSETBV_AVX_WITHOUT_SSE_GP: u64 = 104;
+    /// ISOLATION: XSETBV with ECX = 1 (and XCR0's own value): #GP(0).
+    pub const XSETBV_ECX_GP: u64 = 105;
+    /// ISOLATION: XSETBV of x87|SSE plus the lowest bit CPUID.(0xD,0)
+    /// EDX:EAX does not list: #GP(0).
+    pub const XSETBV_UNSUPPORTED_GP: u64 = 106;
+    /// ISOLATION: XSETBV of x87|SSE|AVX|opmask (XCR0[7:5] not all equal):
+    /// #GP(0). Only where AVX-512 is shown.
+    pub const XSETBV_AVX512_PARTIAL_GP: u64 = 107;
+    /// ISOLATION: XGETBV(0) returns the XCR0 the VM set (detail: XCR0).
+    pub const ISO_XCR0: u64 = 108;
+    /// ISOLATION: the x87 control word and the eight x87 stack registers
+    /// (FILD/FISTP of 64-bit integers) (detail: the first wrong value).
+    pub const ISO_X87: u64 = 109;
+    /// ISOLATION: MXCSR (detail: MXCSR).
+    pub const ISO_MXCSR: u64 = 110;
+    /// ISOLATION: XMM0-15 (detail: the first wrong 64-bit lane).
+    pub const ISO_XMM: u64 = 111;
+    /// ISOLATION: bits 128..256 of YMM0-15. Only in VMs with AVX on.
+    pub const ISO_YMM: u64 = 112;
+    /// ISOLATION: bits 256..512 of ZMM0-15 and all of ZMM16-31. Only in
+    /// VMs with AVX-512 on, as is 114.
+    pub const ISO_ZMM: u64 = 113;
+    /// ISOLATION: the opmask registers k0-7 (64 bits with AVX512BW, else 16).
+    pub const ISO_OPMASK: u64 = 114;
+    /// ISOLATION: PKRU (RDPKRU; keys 1-15 only). Only with PKU.
+    pub const ISO_PKRU: u64 = 115;
+    /// ISOLATION: CR2.
+    pub const ISO_CR2: u64 = 116;
+    /// ISOLATION: DR0-DR3.
+    pub const ISO_DR0_3: u64 = 117;
+    /// ISOLATION: DR6's writable bits B0-3, BD, BS, BT (detail: DR6).
+    pub const ISO_DR6: u64 = 118;
+    /// ISOLATION: DR7.
+    pub const ISO_DR7: u64 = 119;
+    /// ISOLATION: IA32_STAR (0xC000_0081).
+    pub const ISO_STAR: u64 = 120;
+    /// ISOLATION: IA32_LSTAR (0xC000_0082).
+    pub const ISO_LSTAR: u64 = 121;
+    /// ISOLATION: IA32_CSTAR (0xC000_0083).
+    pub const ISO_CSTAR: u64 = 122;
+    /// ISOLATION: IA32_FMASK (0xC000_0084).
+    pub const ISO_SFMASK: u64 = 123;
+    /// ISOLATION: IA32_KERNEL_GS_BASE (0xC000_0102).
+    pub const ISO_KERNEL_GS_BASE: u64 = 124;
+    /// ISOLATION: IA32_TSC_AUX (0xC000_0103) by RDMSR, RDTSCP's ECX and
+    /// (where shown) RDPID. Only with RDTSCP (CPUID 0x8000_0001 EDX 27).
+    pub const ISO_TSC_AUX: u64 = 125;
+    /// ISOLATION: CR8 (the TPR).
+    pub const ISO_CR8: u64 = 126;
+    /// ISOLATION: IA32_PAT (0x277).
+    pub const ISO_PAT: u64 = 127;
+    /// ISOLATION: IA32_SYSENTER_CS, _ESP, _EIP (0x174-0x176).
+    pub const ISO_SYSENTER: u64 = 128;
+    /// ISOLATION, odd VMs on a CPU with AVX: a VEX instruction (`vpxor`)
+    /// raises #UD, as XCR0 lacks AVX (detail: the exception).
+    pub const ISO_AVX_OFF_UD: u64 = 129;
+
+    /// RING3: the GDT, TSS, paging, EFER.SCE, STAR/LSTAR/SFMASK and CR0.AM
+    /// set-up took (detail: 0, or the exception of the step that failed).
+    pub const RING3_SETUP: u64 = 130;
+    /// RING3: the user code ran at CPL 3 (detail: CS).
+    pub const RING3_CPL3: u64 = 131;
+    /// RING3: PRINT at CPL 3 returned ERROR (detail: RAX, or an exception).
+    pub const RING3_VMCALL_PRINT: u64 = 132;
+    /// RING3: REPORT (of check 139, failed) at CPL 3 returned ERROR.
+    pub const RING3_VMCALL_REPORT: u64 = 133;
+    /// RING3: EXIT(1) at CPL 3 returned ERROR.
+    pub const RING3_VMCALL_EXIT: u64 = 134;
+    /// RING3: SYSCALL (made with RFLAGS.AC and DF set) ran the LSTAR
+    /// handler at CPL 0 with RCX = the return address, no SFMASK bit in
+    /// RFLAGS and AC, DF in R11 (detail: the handler's CS on a pass, else
+    /// the first wrong of CS, RCX, RFLAGS, R11; CS is u64::MAX if it never
+    /// ran).
+    pub const RING3_SYSCALL: u64 = 135;
+    /// RING3: SYSRET came back to CPL 3 (detail: CS after it).
+    pub const RING3_SYSRET: u64 = 136;
+    /// RING3: one #AC, error code 0, CS = 0x23, RIP = the misaligned load
+    /// (detail: the number of #ACs if not 1, else the first wrong of the
+    /// error code, CS, RIP).
+    pub const RING3_AC: u64 = 137;
+    /// RING3: the last SYSCALL got back to CPL 0 (detail: CS).
+    pub const RING3_BACK: u64 = 138;
+    /// RING3: the id the CPL 3 REPORT uses (failed): it must never be
+    /// recorded.
+    pub const RING3_FORBIDDEN_REPORT: u64 = 139;
+
+    /// SINGLE_STEP: TF over a NOP (detail for 140-146: DR6 on a pass; on a
+    /// failure the number of #DBs if not 1, else their RIP if wrong, else
+    /// DR6).
+    pub const SS_TF_NOP: u64 = 140;
+    /// SINGLE_STEP: TF over CPUID.
+    pub const SS_TF_CPUID: u64 = 141;
+    /// SINGLE_STEP: TF over a NOP hypercall (VMCALL).
+    pub const SS_TF_VMCALL: u64 = 142;
+    /// SINGLE_STEP: TF over IN from an unknown port.
+    pub const SS_TF_IN: u64 = 143;
+    /// SINGLE_STEP: TF, then `mov ss`, then CPUID: one #DB after CPUID.
+    pub const SS_MOV_SS_CPUID: u64 = 144;
+    /// SINGLE_STEP: ICEBP (DR6 not checked).
+    pub const SS_ICEBP: u64 = 145;
+    /// SINGLE_STEP: an instruction breakpoint in DR0 (DR6.B0).
+    pub const SS_DR0_EXEC: u64 = 146;
+
+    /// DB_LOOP: the #DB handler ran: no loop (always a fail; detail:
+    /// handler runs).
+    pub const DB_LOOP_CONTINUED: u64 = 150;
+
+    /// MWAIT: CPUID.1:ECX bit 3 is clear (detail: ECX).
+    pub const MWAIT_HIDDEN: u64 = 160;
+    /// MWAIT: MONITOR returned (detail: 0, or the exception).
+    pub const MONITOR_RETURNS: u64 = 161;
+    /// MWAIT: MWAIT with IF=1 returned (detail: 0, or the exception).
+    pub const MWAIT_RETURNS: u64 = 162;
+
+    /// CPU_CHECKS: CR4.VMXE: #GP(0), CR4 unchanged (detail: the exception,
+    /// or CR4 if it changed).
+    pub const CPU_CR4_VMXE_GP: u64 = 170;
+    /// CPU_CHECKS: every CR4 bit CPUID does not allow and the reserved 15,
+    /// 26, 29-31, 33, 48, 63: #GP(0), CR4 unchanged (detail: on a pass the
+    /// bits tried, on a failure the bits that did not behave).
+    pub const CPU_CR4_RESERVED_GP: u64 = 171;
+    /// CPU_CHECKS: EFER bits 1, 9, 63: #GP(0), EFER unchanged (detail as 171).
+    pub const CPU_EFER_RESERVED_GP: u64 = 172;
+    /// CPU_CHECKS: CR0 bits 32, 63: #GP(0), CR0 unchanged (detail as 171).
+    pub const CPU_CR0_HIGH_GP: u64 = 173;
+    /// CPU_CHECKS: `in eax, dx` from an unknown port: RAX = 0xFFFF_FFFF
+    /// (detail: RAX).
+    pub const CPU_IN32_ZERO_EXTENDS: u64 = 174;
+    /// CPU_CHECKS: `in al, dx` and `in ax, dx` from it keep the other bits
+    /// of RAX (detail: the first wrong RAX).
+    pub const CPU_IN8_16_KEEP: u64 = 175;
+    /// CPU_CHECKS: CPUID.1:ECX MONITOR, VMX, PDCM clear (detail: the bits
+    /// set of those, 0 on a pass).
+    pub const CPU_CPUID_HIDDEN: u64 = 176;
+    /// CPU_CHECKS: CPUID.1 APIC (EDX 9, detail bit 41), x2APIC (ECX 21),
+    /// TSC-deadline (ECX 24) clear (detail: the bits set, EDX in 63:32).
+    pub const CPU_CPUID_APIC_HIDDEN: u64 = 177;
+
+    /// FORGE: everything printed (always a pass).
+    pub const FORGE_DONE: u64 = 180;
+    /// FLOOD: the 2000 PRINTs returned 0 (detail: how many did not).
+    pub const FLOOD_PRINTS: u64 = 190;
+    /// FLOOD: REPORTs 2..=300 (pass; detail: the REPORT's number).
+    pub const FLOOD_REPORT: u64 = 191;
+    /// FAIL: always a fail (detail 0).
+    pub const FAIL_ALWAYS: u64 = 200;
+    /// MEMHOG: every page was written (always a fail; detail: pages).
+    pub const MEMHOG_FINISHED: u64 = 210;
+
+    /// Top bits of [`fault_detail`] and [`NO_FAULT`].
+    pub const FAULT_TAG: u64 = 0xfa17 << 48;
+    /// The detail "raised exception `vector` with error code `code`" (0
+    /// for vectors without one): `0xfa17_00VV_EEEE_EEEE`.
+    pub const fn fault_detail(vector: u8, code: u64) -> u64 {
+        FAULT_TAG | (vector as u64) << 32 | (code & 0xffff_ffff)
+    }
+    /// The detail "raised no exception" where one was expected.
+    pub const NO_FAULT: u64 = FAULT_TAG | 0xff << 32;
 }
 
 /// The vendor signature in CPUID leaf 0x4000_0000 (EBX, ECX, EDX).

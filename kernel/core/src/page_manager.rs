@@ -8,6 +8,30 @@
 //! [`Mmu`] (start / change_pte / end). Merged frames are shared across VMs;
 //! their reference counts live in the dedupe engine's stable records
 //! ([`crate::dedupe`]), a private frame's count is implicitly one.
+//!
+//! # Frame quotas
+//!
+//! Each VM may hold at most [`VmConfig::frame_quota`] frames
+//! ([`DEFAULT_FRAME_QUOTA`] unless its config says otherwise). Charged to
+//! a VM are the private frames behind its pages (first touch, copy on
+//! write, pages written by [`PageManager::write_gpa`]) and the table
+//! frames of its second-stage tables (the root from [`PageManager::create_vm`]
+//! on, and every table an install creates). Every such allocation is
+//! preceded by one compare against the quota, so a VM at its quota takes
+//! no frame from the pool: the fault ends in [`Outcome::QuotaExceeded`]
+//! (the kernel stops the VM), a hypervisor write in
+//! [`PmError::QuotaExceeded`], and the other VMs never notice. Frames
+//! given back (discard, teardown, a private page merged away) are
+//! uncharged at once.
+//!
+//! A merged frame (and a zero frame) belongs to the dedupe engine and is
+//! charged to no VM: merging lowers the charge of every VM whose private
+//! page it replaces, and a copy-on-write break charges the new copy to
+//! the writer. What the dedupe holds is still bounded by the VMs' memory
+//! slots: every merged frame is mapped by at least one guest page (two
+//! when it is made; it is freed with its last), so there are never more
+//! merged frames than guest pages mapped to them, and a VM's pages can
+//! keep at most as many merged frames alive as its slots have pages.
 
 use crate::dedupe::{DedupeConfig, Ksm};
 use crate::ept::EptTables;
@@ -55,6 +79,10 @@ pub enum Outcome {
     OutsideMemory,
     /// No host frame for the page or a table: stop this VM.
     OutOfMemory,
+    /// The page or a table would take the VM past its frame quota
+    /// ([`VmConfig::frame_quota`]): stop this VM. No frame was taken for
+    /// what was refused; the host has frames (that is [`Outcome::OutOfMemory`]).
+    QuotaExceeded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +94,16 @@ pub enum PmError {
     /// A slot that is unaligned, empty, too high or overlapping another.
     BadSlot,
     TooManyVms,
+    /// The VM would go past its frame quota (a guest image bigger than the
+    /// quota, say); nothing was written or allocated.
+    QuotaExceeded,
 }
+
+/// The frame quota of a VM whose config sets none: 4096 frames, 16 MiB.
+/// That is twice what one of the kernel's guests needs (8 MiB of RAM and
+/// a handful of EPT tables: one root, and a PDPT, a PD and one page table
+/// per 2 MiB below 1 GiB), so a well-behaved guest never meets it.
+pub const DEFAULT_FRAME_QUOTA: usize = 4096;
 
 /// How a VM is set up.
 #[derive(Clone, Debug)]
@@ -75,11 +112,15 @@ pub struct VmConfig {
     /// For [`crate::dedupe::SharingPolicy::Groups`]: VMs with the same group
     /// name may share frames; a VM with none shares only with itself.
     pub share_group: Option<String>,
+    /// Host frames this VM may hold: its private guest frames and its
+    /// second-stage table frames (merged frames are charged to no VM; see
+    /// the module documentation). [`DEFAULT_FRAME_QUOTA`] by default.
+    pub frame_quota: usize,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mode: NotifierMode::ChangePte, share_group: None }
+        VmConfig { mode: NotifierMode::ChangePte, share_group: None, frame_quota: DEFAULT_FRAME_QUOTA }
     }
 }
 
@@ -144,10 +185,37 @@ pub(crate) struct Vm<S: Stage2> {
     /// ([`crate::dedupe::DedupeConfig::track_dirty`], and the tables keep
     /// them).
     pub track_dirty: bool,
+    /// Most frames the VM may hold ([`VmConfig::frame_quota`]).
+    pub quota: usize,
+    /// Pages backed by a private frame (not merged): the part of the
+    /// VM's charge that is not its tables. The dedupe engine lowers it
+    /// when it merges a private page away.
+    pub private_frames: usize,
     pub stats: VmStats,
 }
 
 impl<S: Stage2> Vm<S> {
+    /// Frames charged to the VM now: its private frames and its tables.
+    pub fn frames_held(&self) -> usize {
+        self.private_frames + self.mmu.table_frames()
+    }
+
+    /// The quota check, done before every allocation charged to the VM:
+    /// whether one more frame keeps it within its quota (a refusal is
+    /// counted).
+    fn may_take_one(&mut self) -> bool {
+        let ok = self.frames_held() < self.quota;
+        if !ok {
+            self.stats.quota_refusals += 1;
+        }
+        ok
+    }
+
+    /// Records the charge in `frames_peak` (after it grew).
+    fn note_peak(&mut self) {
+        self.stats.frames_peak = self.stats.frames_peak.max(self.frames_held() as u64);
+    }
+
     /// (slot, index) of `gfn`.
     pub fn find(&self, gfn: u64) -> Option<(usize, usize)> {
         self.slots.iter().enumerate().find_map(|(i, s)| {
@@ -199,6 +267,10 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         if index > u16::MAX as usize {
             return Err(PmError::TooManyVms);
         }
+        // The root table is the VM's first charged frame.
+        if config.frame_quota == 0 {
+            return Err(PmError::QuotaExceeded);
+        }
         let mut mmu = Mmu::new(&self.mem, &mut self.frames, flusher, config.mode).map_err(|_| PmError::OutOfMemory)?;
         let track_dirty = self.ksm.config.track_dirty && mmu.enable_accessed_dirty();
         let group = config.share_group.map(|name| match self.groups.iter().position(|g| *g == name) {
@@ -209,7 +281,10 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         });
         let domain = self.ksm.config.policy.domain(index as u32, group);
-        self.vms.push(Some(Vm { mmu, slots: Vec::new(), domain, track_dirty, stats: VmStats::default() }));
+        let mut v =
+            Vm { mmu, slots: Vec::new(), domain, track_dirty, quota: config.frame_quota, private_frames: 0, stats: VmStats::default() };
+        v.note_peak();
+        self.vms.push(Some(v));
         Ok(VmId(index as u16))
     }
 
@@ -235,6 +310,11 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
 
     pub(crate) fn vm_mut(&mut self, vm: VmId) -> Result<&mut Vm<S>, PmError> {
         self.vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)
+    }
+
+    /// The VM's frame quota ([`VmConfig::frame_quota`]).
+    pub fn frame_quota(&self, vm: VmId) -> Result<usize, PmError> {
+        Ok(self.vm(vm)?.quota)
     }
 
     /// The VM's second-stage tables and notifier state (the kernel takes
@@ -264,12 +344,18 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let e = v.slots[si].pages[idx];
         if e.frame == NO_FRAME {
             v.stats.not_present += 1;
+            if !v.may_take_one() {
+                return Outcome::QuotaExceeded;
+            }
             if populate(mem, frames, v, si, idx).is_err() {
                 v.stats.out_of_memory += 1;
                 return Outcome::OutOfMemory;
             }
         } else if e.shared() && access == Access::Write {
             v.stats.write_shared += 1;
+            if !v.may_take_one() {
+                return Outcome::QuotaExceeded;
+            }
             if cow_break(mem, frames, ksm, v, si, idx).is_err() {
                 v.stats.out_of_memory += 1;
                 return Outcome::OutOfMemory;
@@ -283,16 +369,17 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let seq = v.mmu.invalidate_seq();
         let e = v.slots[si].pages[idx];
         let perms = if e.shared() { Perms::RX } else { Perms::RWX };
-        match v.mmu.install(mem, frames, gfn, e.pa(), perms, seq) {
-            Install::Installed | Install::AlreadyPresent => Outcome::Resolved,
-            Install::Retry => {
+        match install_charged(mem, frames, v, gfn, e.pa(), perms, seq) {
+            Some(Install::Installed | Install::AlreadyPresent) => Outcome::Resolved,
+            Some(Install::Retry) => {
                 v.stats.retries += 1;
                 Outcome::Retry
             }
-            Install::OutOfFrames => {
+            Some(Install::OutOfFrames) => {
                 v.stats.out_of_memory += 1;
                 Outcome::OutOfMemory
             }
+            None => Outcome::QuotaExceeded,
         }
     }
 
@@ -319,8 +406,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
 
     /// Writes `data` into guest memory at `gpa` for the hypervisor (loading
     /// an image, answering a hypercall). Allocates pages on first touch and
-    /// breaks sharing of merged pages first. Checks the whole range before
-    /// writing anything; on running out of frames, part may be written.
+    /// breaks sharing of merged pages first. Checks the whole range, and
+    /// that the frames it needs fit in the VM's quota, before writing
+    /// anything; on the host running out of frames, part may be written.
     /// The write does not go through the EPT, so no dirty flag records
     /// it: the page's checksum stops being tracked and the scanner hashes
     /// it again at its next look.
@@ -329,9 +417,18 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let v = vms.get_mut(vm.0 as usize).and_then(|v| v.as_mut()).ok_or(PmError::NoSuchVm)?;
         let end = gpa.checked_add(data.len() as u64).ok_or(PmError::OutsideMemory(gpa))?;
         let mut a = gpa;
+        // Frames the write takes: a fresh one for each page not backed
+        // yet, a copy for each merged page.
+        let mut need = 0;
         while a < end {
-            v.find(a >> PAGE_SHIFT).ok_or(PmError::OutsideMemory(a))?;
+            let (si, idx) = v.find(a >> PAGE_SHIFT).ok_or(PmError::OutsideMemory(a))?;
+            let e = v.slots[si].pages[idx];
+            need += usize::from(e.frame == NO_FRAME || e.shared());
             a = ((a >> PAGE_SHIFT) + 1) << PAGE_SHIFT;
+        }
+        if v.frames_held() + need > v.quota {
+            v.stats.quota_refusals += 1;
+            return Err(PmError::QuotaExceeded);
         }
         let mut done = 0;
         while done < data.len() {
@@ -379,6 +476,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         v.mmu.invalidate_range_end(range);
         // Frames go back only after the end (the TLB was flushed at start).
         for e in freed {
+            if !e.shared() {
+                v.private_frames -= 1;
+            }
             release(frames, ksm, e);
         }
         Ok(())
@@ -414,22 +514,23 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
 
     pub fn vm_stats(&self, vm: VmId) -> Result<(VmStats, crate::mmu_notifier::MmuStats), PmError> {
         let v = self.vm(vm)?;
-        Ok((v.stats, v.mmu.stats()))
+        Ok((vm_counters(v), v.mmu.stats()))
     }
 
     /// All counters, summed over the live VMs.
     pub fn stats(&self) -> Stats {
         let mut s = Stats { ksm: self.ksm_stats(), ..Stats::default() };
         for v in self.vms.iter().flatten() {
-            s.vm.add(&v.stats);
+            s.vm.add(&vm_counters(v));
             stats::add_mmu(&mut s.mmu, &v.mmu.stats());
         }
         s
     }
 }
 
-/// Backs a never-touched page with a fresh zeroed frame. No translation
-/// exists yet, so no invalidation is needed.
+/// Backs a never-touched page with a fresh zeroed frame, charged to the VM
+/// (the caller checked its quota). No translation exists yet, so no
+/// invalidation is needed.
 fn populate<P: PhysMem, S: Stage2>(
     mem: &P,
     frames: &mut FrameAllocator,
@@ -441,12 +542,56 @@ fn populate<P: PhysMem, S: Stage2>(
     mem.zero_page(f);
     v.slots[si].pages[idx] = PageEntry { frame: frame_number(f), aux: 0, flags: 0 };
     v.stats.pages_allocated += 1;
+    v.private_frames += 1;
+    v.note_peak();
     Ok(())
+}
+
+/// The VM's counters, with `frames_held` as it is now.
+fn vm_counters<S: Stage2>(v: &Vm<S>) -> VmStats {
+    VmStats { frames_held: v.frames_held() as u64, ..v.stats }
+}
+
+/// [`Mmu::install`] with the table frames it creates charged to the VM,
+/// each checked against the quota before it is taken. None: a table
+/// would take the VM past its quota (counted), and no frame was taken
+/// for it; tables made before that stay (linked in and charged).
+///
+/// The first try gets no frames at all: almost every install finds its
+/// tables there (one page table serves 512 pages) and takes nothing. One
+/// that needs a table fails without changing anything, and the tables are
+/// then handed over one frame at a time, each after the quota check: a
+/// walk takes a frame for the first level it lacks and stops at the next.
+fn install_charged<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    v: &mut Vm<S>,
+    gfn: u64,
+    hpa: PhysAddr,
+    perms: Perms,
+    seq: u64,
+) -> Option<Install> {
+    let mut pool = FrameAllocator::new(None::<core::ops::Range<u64>>);
+    loop {
+        let r = v.mmu.install(mem, &mut pool, gfn, hpa, perms, seq);
+        if r != Install::OutOfFrames {
+            debug_assert_eq!(pool.free_frames(), 0, "a table frame handed over and not used");
+            v.note_peak();
+            return Some(r);
+        }
+        v.note_peak();
+        if !v.may_take_one() {
+            return None;
+        }
+        let Some(f) = frames.alloc() else { return Some(Install::OutOfFrames) };
+        pool = FrameAllocator::new(Some(f.0..f.0 + PAGE_SIZE as u64));
+    }
 }
 
 /// Copy-on-write: the merged page gets a private copy, mapped writable
 /// through start(change) / change_pte / end, and the merged frame loses a
 /// reference (freed when none is left). Out of frames: nothing changes.
+/// The copy is charged to the VM (the caller checked its quota).
 pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
     mem: &P,
     frames: &mut FrameAllocator,
@@ -467,6 +612,8 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
     v.mmu.invalidate_range_end(r);
     ksm.put(frames, e.aux as u32);
     v.stats.cow_breaks += 1;
+    v.private_frames += 1;
+    v.note_peak();
     Ok(new)
 }
 

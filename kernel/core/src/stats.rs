@@ -25,6 +25,16 @@ pub struct VmStats {
     pub cow_breaks: u64,
     /// Frames allocated on first touch.
     pub pages_allocated: u64,
+    /// Frames charged to the VM now: private frames behind its pages and
+    /// its second-stage table frames (merged frames are the dedupe's).
+    /// Summed over VMs: the frames all of them hold.
+    pub frames_held: u64,
+    /// The most `frames_held` ever was. Summed over VMs: an upper bound
+    /// of the total's peak (the VMs need not have peaked together).
+    pub frames_peak: u64,
+    /// Allocations refused because they would take the VM past its frame
+    /// quota (EPT violations and hypervisor writes).
+    pub quota_refusals: u64,
 }
 
 impl VmStats {
@@ -38,6 +48,9 @@ impl VmStats {
         self.out_of_memory += o.out_of_memory;
         self.cow_breaks += o.cow_breaks;
         self.pages_allocated += o.pages_allocated;
+        self.frames_held += o.frames_held;
+        self.frames_peak += o.frames_peak;
+        self.quota_refusals += o.quota_refusals;
     }
 }
 

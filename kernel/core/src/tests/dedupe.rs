@@ -546,3 +546,19 @@ fn tracking_teardown_returns_every_frame() {
     assert_eq!(pm.frames().free_frames(), total);
     assert_eq!(pm.scan(10).visited, 0);
 }
+
+#[test]
+fn a_hypervisor_write_of_the_same_bytes_keeps_the_page_a_candidate() {
+    // The write drops only the tracked mark: the page is hashed again,
+    // finds its checksum unchanged and merges in the very next pass.
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    fill(&mut pm, v, &[5, 5]);
+    pm.scan(2); // pass 1: both hashed
+    pm.write_gpa(v, gpa(1) + 100, &[5]).unwrap();
+    let reused = pm.ksm_stats().checksums_reused;
+    let r = pm.scan(2); // pass 2
+    assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "page 1 was hashed again");
+    assert_eq!(r.merged, 2);
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+}

@@ -3,7 +3,7 @@
 use crate::dedupe::DedupeConfig;
 use crate::frame::FrameAllocator;
 use crate::mmu_notifier::{CountingFlush, NotifierMode};
-use crate::page_manager::{PageManager, VmConfig, VmId};
+use crate::page_manager::{PageManager, VmConfig, VmId, DEFAULT_FRAME_QUOTA};
 use crate::phys::Arena;
 use alloc::boxed::Box;
 use alloc::string::ToString;
@@ -22,10 +22,22 @@ pub fn pm(frames: usize, cfg: DedupeConfig) -> PageManager<Arena> {
     PageManager::new(mem, fa, cfg)
 }
 
-/// A VM with `pages` pages of RAM at [`RAM`].
+/// A VM with `pages` pages of RAM at [`RAM`] and the default frame quota.
 pub fn vm(pm: &mut PageManager<Arena>, pages: u64, mergeable: bool, mode: NotifierMode, group: Option<&str>) -> (VmId, CountingFlush) {
+    vm_with_quota(pm, pages, mergeable, mode, group, DEFAULT_FRAME_QUOTA)
+}
+
+/// A VM with `pages` pages of RAM at [`RAM`] that may hold `quota` frames.
+pub fn vm_with_quota(
+    pm: &mut PageManager<Arena>,
+    pages: u64,
+    mergeable: bool,
+    mode: NotifierMode,
+    group: Option<&str>,
+    quota: usize,
+) -> (VmId, CountingFlush) {
     let flush = CountingFlush::default();
-    let cfg = VmConfig { mode, share_group: group.map(|g| g.to_string()) };
+    let cfg = VmConfig { mode, share_group: group.map(|g| g.to_string()), frame_quota: quota };
     let id = pm.create_vm(cfg, Box::new(flush.clone())).unwrap();
     pm.add_slot(id, RAM, pages * PAGE, mergeable).unwrap();
     (id, flush)

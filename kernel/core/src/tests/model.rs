@@ -1,13 +1,15 @@
 //! Model-based test: random guest reads and writes (through the EPT, with
 //! the simulated guest taking EPT violations), hypervisor accesses, scans
 //! (merges), COW breaks and discards, over the real page manager, EPT and
-//! notifier on an arena, against a flat reference memory.
+//! notifier on an arena, against a flat reference memory. The VMs have
+//! frame quotas, often small enough to be met, and every VM's charge is
+//! checked against a walk of its page map and its EPT tables.
 
 use super::*;
 use crate::dedupe::SharingPolicy;
-use crate::ept::EptFlags;
-use crate::page_manager::{Outcome, F_CSUM, F_TRACKED};
-use crate::phys::PhysMem;
+use crate::ept::{EptFlags, ADDR_MASK};
+use crate::page_manager::{Outcome, PmError, DEFAULT_FRAME_QUOTA, F_CSUM, F_TRACKED, NO_FRAME};
+use crate::phys::{PhysAddr, PhysMem};
 use crate::sim::SimGuest;
 use crate::stage2::Perms;
 use alloc::vec;
@@ -56,6 +58,8 @@ struct Setup {
     /// Dirty tracking (EPT A/D flags) instead of re-hashing every look.
     track_dirty: bool,
     frames: usize,
+    /// Each VM's frame quota.
+    quotas: [usize; VMS],
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -67,15 +71,65 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<bool>(),
         // Enough for everything, or tight enough to run out now and then.
         prop_oneof![3 => Just(64usize), 1 => 30usize..44],
+        // A VM needs up to PAGES + 4 (root, PDPT, PD, PT): the default, or
+        // a quota it meets (1: the root only, no page at all).
+        [quota(), quota(), quota()],
     )
-        .prop_map(|(mode, policy, max_page_sharing, use_zero_pages, track_dirty, frames)| Setup {
+        .prop_map(|(mode, policy, max_page_sharing, use_zero_pages, track_dirty, frames, quotas)| Setup {
             mode,
             policy,
             max_page_sharing,
             use_zero_pages,
             track_dirty,
             frames,
+            quotas,
         })
+}
+
+fn quota() -> impl Strategy<Value = usize> {
+    prop_oneof![2 => Just(DEFAULT_FRAME_QUOTA), 2 => 1usize..(PAGES as usize + 4)]
+}
+
+/// Table frames reachable from the root of the VM's EPT, by walking the
+/// entries as the processor does (not the tables' own count).
+fn ept_tables_walked(pm: &PageManager<Arena>, v: VmId) -> usize {
+    fn walk(mem: &Arena, table: PhysAddr, level: u32) -> usize {
+        let mut n = 1;
+        if level > 1 {
+            for &e in mem.table_mut(table).iter() {
+                if e & 0b111 != 0 && e & EptFlags::LARGE.bits() == 0 {
+                    n += walk(mem, PhysAddr(e & ADDR_MASK), level - 1);
+                }
+            }
+        }
+        n
+    }
+    walk(pm.mem(), pm.mmu(v).unwrap().root(), 4)
+}
+
+/// The charge of every VM is exactly its private frames (pages whose entry
+/// holds a frame that is not merged) plus its EPT table frames, and never
+/// above its quota; and every frame taken from the pool (`total` frames) is
+/// charged to a VM or is a merged frame.
+fn check_charges(pm: &PageManager<Arena>, vms: &[VmId], quotas: &[usize], total: usize) -> Result<(), TestCaseError> {
+    let mut merged = alloc::collections::BTreeSet::new();
+    let mut charged = 0;
+    for (i, &v) in vms.iter().enumerate() {
+        let vmr = pm.vm(v).unwrap();
+        let private = vmr.slots.iter().flat_map(|s| &s.pages).filter(|e| e.frame != NO_FRAME && !e.shared()).count();
+        let tables = ept_tables_walked(pm, v);
+        prop_assert_eq!(tables, pm.mmu(v).unwrap().table_frames());
+        let (st, _) = pm.vm_stats(v).unwrap();
+        prop_assert_eq!(st.frames_held, (private + tables) as u64, "vm {} charge", i);
+        prop_assert!(st.frames_held <= quotas[i] as u64, "vm {} over its quota", i);
+        prop_assert!(st.frames_held <= st.frames_peak);
+        prop_assert!(st.frames_peak <= quotas[i] as u64);
+        charged += st.frames_held;
+        merged.extend(vmr.slots.iter().flat_map(|s| &s.pages).filter(|e| e.shared()).map(|e| e.frame));
+    }
+    prop_assert_eq!((total - pm.frames().free_frames()) as u64, charged + merged.len() as u64, "a frame is nobody's");
+    prop_assert_eq!(pm.stats().vm.frames_held, charged);
+    Ok(())
 }
 
 /// Invariants that hold between any two operations.
@@ -139,28 +193,57 @@ fn run(s: Setup, ops: Vec<Op>) -> Result<crate::stats::Stats, TestCaseError> {
     );
     let total = pm.frames().free_frames();
     let groups = [Some("g"), Some("g"), None];
-    let vms: Vec<VmId> = (0..VMS).map(|i| vm(&mut pm, PAGES, true, s.mode, groups[i]).0).collect();
+    let vms: Vec<VmId> = (0..VMS).map(|i| vm_with_quota(&mut pm, PAGES, true, s.mode, groups[i], s.quotas[i]).0).collect();
     let mut guests: Vec<SimGuest> = vms.iter().map(|&v| SimGuest::new(v)).collect();
     let mut reference = vec![vec![[0u8; 4096]; PAGES as usize]; VMS];
     let mut last_seq = [0u64; VMS];
     let mut buf = [0u8; 4096];
     for op in ops {
+        let held = |pm: &PageManager<Arena>| -> Vec<u64> { vms.iter().map(|&v| pm.vm_stats(v).unwrap().0.frames_held).collect() };
+        let (held0, free0) = (held(&pm), pm.frames().free_frames());
+        // Which VM a refusal (if any) belongs to.
+        let mut refused = None;
+        let mut guest = |vm: usize, r: Result<(), Outcome>, pm: &PageManager<Arena>| -> Result<bool, TestCaseError> {
+            match r {
+                Ok(()) => return Ok(true),
+                Err(Outcome::QuotaExceeded) => {
+                    refused = Some(vm);
+                    // Refused at the quota, never above it.
+                    prop_assert_eq!(pm.vm_stats(vms[vm]).unwrap().0.frames_held, s.quotas[vm] as u64);
+                }
+                Err(Outcome::OutOfMemory) => prop_assert_eq!(pm.frames().free_frames(), 0),
+                Err(e) => prop_assert!(false, "unexpected {:?}", e),
+            }
+            Ok(false)
+        };
         match op {
-            Op::Fill { vm, page, byte } => match guests[vm].fill_page(&mut pm, gpa(page), byte) {
-                Ok(()) => reference[vm][page as usize] = [byte; 4096],
-                Err(e) => prop_assert_eq!(e, Outcome::OutOfMemory),
-            },
-            Op::Poke { vm, page, off, byte } => match guests[vm].write(&mut pm, gpa(page) + off as u64, &[byte]) {
-                Ok(()) => reference[vm][page as usize][off as usize] = byte,
-                Err(e) => prop_assert_eq!(e, Outcome::OutOfMemory),
-            },
-            Op::Read { vm, page } => match guests[vm].read(&mut pm, gpa(page), &mut buf) {
-                Ok(()) => prop_assert!(buf == reference[vm][page as usize], "guest read vm {} page {}", vm, page),
-                Err(e) => prop_assert_eq!(e, Outcome::OutOfMemory),
-            },
+            Op::Fill { vm, page, byte } => {
+                let r = guests[vm].fill_page(&mut pm, gpa(page), byte);
+                if guest(vm, r, &pm)? {
+                    reference[vm][page as usize] = [byte; 4096];
+                }
+            }
+            Op::Poke { vm, page, off, byte } => {
+                let r = guests[vm].write(&mut pm, gpa(page) + off as u64, &[byte]);
+                if guest(vm, r, &pm)? {
+                    reference[vm][page as usize][off as usize] = byte;
+                }
+            }
+            Op::Read { vm, page } => {
+                let r = guests[vm].read(&mut pm, gpa(page), &mut buf);
+                if guest(vm, r, &pm)? {
+                    prop_assert!(buf == reference[vm][page as usize], "guest read vm {} page {}", vm, page);
+                }
+            }
             Op::HvPoke { vm, page, off, byte } => match pm.write_gpa(vms[vm], gpa(page) + off as u64, &[byte]) {
                 Ok(()) => reference[vm][page as usize][off as usize] = byte,
-                Err(e) => prop_assert_eq!(e, crate::page_manager::PmError::OutOfMemory),
+                Err(PmError::QuotaExceeded) => {
+                    // Refused before anything was taken or written.
+                    prop_assert_eq!(held(&pm), held0.clone());
+                    prop_assert_eq!(pm.frames().free_frames(), free0);
+                    prop_assert_eq!(held0[vm], s.quotas[vm] as u64);
+                }
+                Err(e) => prop_assert_eq!(e, PmError::OutOfMemory),
             },
             Op::HvRead { vm, page } => {
                 pm.read_gpa(vms[vm], gpa(page), &mut buf).unwrap();
@@ -174,13 +257,26 @@ fn run(s: Setup, ops: Vec<Op>) -> Result<crate::stats::Stats, TestCaseError> {
                 reference[vm][page as usize] = [0; 4096];
             }
         }
+        if let Some(r) = refused {
+            // What the refused access took (a page, or tables below the
+            // quota) is charged to its VM (check_charges); the other VMs
+            // lost nothing.
+            let now = held(&pm);
+            for (i, (a, b)) in held0.iter().zip(&now).enumerate() {
+                if i != r {
+                    prop_assert_eq!(a, b, "vm {} changed by vm {}'s refusal", i, r);
+                }
+            }
+        }
         check(&pm, &vms, &mut last_seq)?;
+        check_charges(&pm, &vms, &s.quotas, total)?;
     }
     // Merge whatever can be merged, then everything reads back right.
     for _ in 0..3 {
         pm.scan(VMS * PAGES as usize);
     }
     check(&pm, &vms, &mut last_seq)?;
+    check_charges(&pm, &vms, &s.quotas, total)?;
     for (i, &v) in vms.iter().enumerate() {
         for p in 0..PAGES {
             pm.read_gpa(v, gpa(p), &mut buf).unwrap();
@@ -213,25 +309,35 @@ proptest! {
     }
 }
 
-/// The same model with no limits on frames and long runs of the most
-/// merge-prone operations: equal pages get merged and broken many times.
-#[test]
-fn a_long_fixed_run_merges_and_breaks_a_lot() {
+/// A fixed pseudo-random run of the most merge-prone operations
+/// (xorshift), with discards and hypervisor writes if `all`.
+fn fixed_ops(n: usize, all: bool) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut x = 12345u64;
-    for _ in 0..3000 {
+    for _ in 0..n {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let vm = (x % VMS as u64) as usize;
         let page = (x >> 8) % PAGES;
-        ops.push(match (x >> 20) % 6 {
+        let off = ((x >> 32) % 4096) as u16;
+        ops.push(match (x >> 20) % if all { 8 } else { 6 } {
             0 | 1 => Op::Fill { vm, page, byte: ((x >> 30) % 3) as u8 },
             2 => Op::Read { vm, page },
-            3 => Op::Poke { vm, page, off: ((x >> 32) % 4096) as u16, byte: 1 },
+            3 => Op::Poke { vm, page, off, byte: 1 },
+            6 => Op::Discard { vm, page },
+            7 => Op::HvPoke { vm, page, off, byte: 2 },
             _ => Op::Scan { batch: 13 },
         });
     }
+    ops
+}
+
+/// The same model with no limits on frames and long runs of the most
+/// merge-prone operations: equal pages get merged and broken many times.
+#[test]
+fn a_long_fixed_run_merges_and_breaks_a_lot() {
+    let ops = fixed_ops(3000, false);
     let mut outcome = Vec::new();
     for track_dirty in [false, true] {
         let s = Setup {
@@ -241,6 +347,7 @@ fn a_long_fixed_run_merges_and_breaks_a_lot() {
             use_zero_pages: true,
             track_dirty,
             frames: 64,
+            quotas: [DEFAULT_FRAME_QUOTA; VMS],
         };
         let st = run(s, ops.clone()).unwrap();
         assert!(st.ksm.merges > 200, "{st:?}");
@@ -271,5 +378,32 @@ proptest! {
         prop_assert_eq!((on.ksm.pages_shared, on.ksm.pages_sharing, on.ksm.zero_pages), (off.ksm.pages_shared, off.ksm.pages_sharing, off.ksm.zero_pages));
         prop_assert_eq!((on.ksm.pages_unshared, on.ksm.pages_volatile), (off.ksm.pages_unshared, off.ksm.pages_volatile));
         prop_assert_eq!(on.vm.cow_breaks, off.vm.cow_breaks);
+    }
+}
+
+/// A long run at quotas the VMs keep meeting (one below what a VM's pages
+/// and tables need, about half of it, and the root and a few pages),
+/// with discards that give frames back: refusals, merges and COW breaks
+/// all happen many times, and after every operation each VM's charge is
+/// exactly its private frames and tables, never above its quota, and no
+/// refusal moved another VM's charge.
+#[test]
+fn a_long_fixed_run_at_small_quotas() {
+    let ops = fixed_ops(3000, true);
+    for mode in [NotifierMode::ChangePte, NotifierMode::LinuxZap] {
+        let s = Setup {
+            mode,
+            policy: SharingPolicy::AllVms,
+            max_page_sharing: 3,
+            use_zero_pages: true,
+            track_dirty: true,
+            frames: 64,
+            quotas: [PAGES as usize + 3, 8, 5],
+        };
+        let st = run(s, ops.clone()).unwrap();
+        assert!(st.vm.quota_refusals > 100, "{st:?}");
+        assert!(st.ksm.merges > 100, "{st:?}");
+        assert!(st.vm.cow_breaks > 50, "{st:?}");
+        assert_eq!(st.vm.out_of_memory, 0, "the quotas, not the host, set the limits: {st:?}");
     }
 }

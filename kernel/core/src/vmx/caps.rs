@@ -33,6 +33,16 @@ pub mod ept_cap {
     pub const INVEPT_ALL: u64 = 1 << 26;
     pub const INVVPID: u64 = 1 << 32;
     pub const INVVPID_SINGLE: u64 = 1 << 41;
+    pub const INVVPID_ALL: u64 = 1 << 42;
+}
+
+/// An INVEPT or INVVPID type (SDM Vol. 3C 30.3), as the instruction's
+/// register operand encodes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Invalidation {
+    SingleContext = 1,
+    AllContext = 2,
 }
 
 /// Secondary processor-based controls we look for.
@@ -141,10 +151,36 @@ impl VmxCaps {
         need(allowed1(self.pinbased) & PREEMPTION_TIMER != 0, "the VMX-preemption timer")
     }
 
+    /// VPIDs are used only where INVVPID can flush them (single- or
+    /// all-context), since a VM's tagged translations must go when its
+    /// VPID is reused.
     pub fn has_vpid(&self) -> bool {
-        allowed1(self.procbased2) & ENABLE_VPID != 0
-            && self.ept_vpid & ept_cap::INVVPID != 0
-            && self.ept_vpid & ept_cap::INVVPID_SINGLE != 0
+        allowed1(self.procbased2) & ENABLE_VPID != 0 && self.invvpid_type().is_some()
+    }
+
+    /// The INVEPT type to flush one VM's EPT translations: single-context
+    /// where the CPU has it, else all-context (A.10; `check_required`
+    /// makes sure one of them exists).
+    pub fn invept_type(&self) -> Invalidation {
+        if self.ept_vpid & ept_cap::INVEPT_SINGLE != 0 {
+            Invalidation::SingleContext
+        } else {
+            Invalidation::AllContext
+        }
+    }
+
+    /// Likewise for INVVPID; `None` when the CPU has no INVVPID type.
+    pub fn invvpid_type(&self) -> Option<Invalidation> {
+        let c = self.ept_vpid;
+        if c & ept_cap::INVVPID == 0 {
+            None
+        } else if c & ept_cap::INVVPID_SINGLE != 0 {
+            Some(Invalidation::SingleContext)
+        } else if c & ept_cap::INVVPID_ALL != 0 {
+            Some(Invalidation::AllContext)
+        } else {
+            None
+        }
     }
 
     pub fn has_unrestricted_guest(&self) -> bool {
@@ -251,6 +287,26 @@ mod tests {
         assert_eq!(no_ept.check_required(), Err(Missing("EPT (extended page tables)")));
         let no_timer = VmxCaps { pinbased: base.pinbased & !((PREEMPTION_TIMER as u64) << 32), ..base };
         assert_eq!(no_timer.check_required(), Err(Missing("the VMX-preemption timer")));
+    }
+
+    #[test]
+    fn invalidation_types_follow_the_capability_bits() {
+        let base = VmxCaps::read(skylake);
+        assert_eq!(base.invept_type(), Invalidation::SingleContext);
+        assert_eq!(base.invvpid_type(), Some(Invalidation::SingleContext));
+        let only_all = VmxCaps { ept_vpid: base.ept_vpid & !(ept_cap::INVEPT_SINGLE | ept_cap::INVVPID_SINGLE), ..base };
+        assert_eq!(only_all.invept_type(), Invalidation::AllContext);
+        assert_eq!(only_all.invvpid_type(), Some(Invalidation::AllContext));
+        assert!(only_all.has_vpid());
+        let no_type = VmxCaps { ept_vpid: only_all.ept_vpid & !ept_cap::INVVPID_ALL, ..base };
+        assert_eq!(no_type.invvpid_type(), None);
+        assert!(!no_type.has_vpid());
+        let no_invvpid = VmxCaps { ept_vpid: base.ept_vpid & !ept_cap::INVVPID, ..base };
+        assert_eq!(no_invvpid.invvpid_type(), None);
+        let no_vpid_control = VmxCaps { procbased2: base.procbased2 & !((ENABLE_VPID as u64) << 32), ..base };
+        assert!(!no_vpid_control.has_vpid());
+        assert_eq!(Invalidation::SingleContext as u64, 1);
+        assert_eq!(Invalidation::AllContext as u64, 2);
     }
 
     #[test]

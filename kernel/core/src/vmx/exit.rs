@@ -6,8 +6,14 @@ pub mod reason {
     pub const EXCEPTION_OR_NMI: u16 = 0;
     pub const EXTERNAL_INTERRUPT: u16 = 1;
     pub const TRIPLE_FAULT: u16 = 2;
+    pub const INIT_SIGNAL: u16 = 3;
+    pub const STARTUP_IPI: u16 = 4;
+    pub const TASK_SWITCH: u16 = 9;
     pub const CPUID: u16 = 10;
+    pub const GETSEC: u16 = 11;
     pub const HLT: u16 = 12;
+    pub const INVD: u16 = 13;
+    pub const RDPMC: u16 = 15;
     pub const VMCALL: u16 = 18;
     pub const VMCLEAR: u16 = 19;
     pub const VMXON: u16 = 27;
@@ -17,12 +23,16 @@ pub mod reason {
     pub const WRMSR: u16 = 32;
     pub const ENTRY_FAIL_GUEST_STATE: u16 = 33;
     pub const ENTRY_FAIL_MSR_LOADING: u16 = 34;
+    pub const MWAIT: u16 = 36;
+    pub const MONITOR: u16 = 39;
     pub const ENTRY_FAIL_MACHINE_CHECK: u16 = 41;
     pub const EPT_VIOLATION: u16 = 48;
     pub const EPT_MISCONFIG: u16 = 49;
     pub const INVEPT: u16 = 50;
     pub const PREEMPTION_TIMER: u16 = 52;
     pub const INVVPID: u16 = 53;
+    pub const WBINVD: u16 = 54;
+    pub const XSETBV: u16 = 55;
     /// One past the highest reason we keep a counter for.
     pub const COUNT: usize = 80;
 }

@@ -4,7 +4,8 @@
 //! knows these encodings; AMD SVM would sit beside it.
 
 pub mod caps;
+pub mod event;
 pub mod exit;
 
-pub use caps::{FeatureControl, Missing, VmxCaps};
+pub use caps::{FeatureControl, Invalidation, Missing, VmxCaps};
 pub use exit::{exit_reason_name, instruction_error_meaning, EptQual, IoQual};
