@@ -1,5 +1,6 @@
-//! A small IDT for the first 32 vectors: the #UD handler of the VMXON
-//! scenario can be set, every other exception prints and EXITs 3.
+//! A small IDT for the first 32 vectors: every exception prints and EXITs
+//! 3 unless a scenario routes it to a handler of its own ([`set_handler`],
+//! [`set_handler_with_code`]; `trap` routes the faults a probe may raise).
 
 use core::arch::asm;
 use core::ptr::addr_of_mut;
@@ -45,10 +46,17 @@ pub type Handler = extern "x86-interrupt" fn(Frame);
 pub type HandlerWithCode = extern "x86-interrupt" fn(Frame, u64);
 
 fn set(vector: usize, addr: u64) {
+    set_gate(vector, addr, 0);
+}
+
+/// Points gate `vector` at `addr`; `ist` 1..=7 makes the CPU switch to
+/// that Interrupt Stack Table entry of the TSS (SDM Vol. 3A 6.14.5), 0
+/// keeps the current stack (at CPL 0).
+fn set_gate(vector: usize, addr: u64, ist: u8) {
     let gate = Gate {
         offset_low: addr as u16,
         selector: CODE_SELECTOR,
-        ist: 0,
+        ist,
         attributes: INTERRUPT_GATE,
         offset_mid: (addr >> 16) as u16,
         offset_high: (addr >> 32) as u32,
@@ -58,7 +66,7 @@ fn set(vector: usize, addr: u64) {
     unsafe { (*addr_of_mut!(IDT))[vector] = gate };
 }
 
-fn unexpected(vector: u64, frame: &Frame, code: Option<u64>) -> ! {
+pub fn unexpected(vector: u64, frame: &Frame, code: Option<u64>) -> ! {
     crate::println!("unexpected exception {vector} (error code {code:?}) at {:#x}", frame.rip);
     crate::hv::exit(3)
 }
@@ -95,9 +103,15 @@ pub fn install() {
     unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
 }
 
-/// Routes #GP (vector 13) to `handler`.
-pub fn set_general_protection(handler: HandlerWithCode) {
-    set(13, handler as usize as u64);
+/// Routes `vector` (one without an error code) to `handler`, on IST
+/// entry `ist` (0: none).
+pub fn set_handler(vector: usize, handler: Handler, ist: u8) {
+    set_gate(vector, handler as usize as u64, ist);
+}
+
+/// Routes `vector` (one that pushes an error code) to `handler`.
+pub fn set_handler_with_code(vector: usize, handler: HandlerWithCode) {
+    set(vector, handler as usize as u64);
 }
 
 /// Routes #UD (vector 6) to `handler`.

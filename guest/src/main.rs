@@ -11,11 +11,24 @@
 #![no_main]
 #![feature(abi_x86_interrupt)]
 
-mod dedupe;
-mod hv;
-mod idt;
 #[macro_use]
 mod serial;
+#[macro_use]
+mod trap;
+mod cpu;
+mod cpu_checks;
+mod db_loop;
+mod dedupe;
+mod fail;
+mod flood;
+mod forge;
+mod hv;
+mod idt;
+mod isolation;
+mod memhog;
+mod mwait;
+mod ring3;
+mod single_step;
 
 use core::arch::{asm, global_asm};
 use core::panic::PanicInfo;
@@ -41,6 +54,7 @@ extern "sysv64" fn guest_main(arg: u64) -> ! {
     let vm = hc::arg_vm_index(arg);
     println!("guest: scenario {} ({}), vm {vm}", s, scenario::name(s).unwrap_or("unknown"));
     idt::install();
+    trap::install();
     match s {
         scenario::HELLO => hello(),
         scenario::WILD_ACCESS => wild_access(),
@@ -54,16 +68,21 @@ extern "sysv64" fn guest_main(arg: u64) -> ! {
             println!("guest: bad-vmcs: this VM's entry should have failed");
             hv::exit(1)
         }
+        scenario::ISOLATION => isolation::run(vm),
+        scenario::RING3 => ring3::run(),
+        scenario::SINGLE_STEP => single_step::run(),
+        scenario::DB_LOOP => db_loop::run(),
+        scenario::MWAIT => mwait::run(),
+        scenario::CPU_CHECKS => cpu_checks::run(),
+        scenario::FORGE => forge::run(),
+        scenario::FLOOD => flood::run(),
+        scenario::FAIL => fail::run(),
+        scenario::MEMHOG => memhog::run(),
         _ => {
             println!("guest: unknown scenario {s}");
             hv::exit(1)
         }
     }
-}
-
-fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
-    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
-    (r.eax, r.ebx, r.ecx, r.edx)
 }
 
 /// Average TSC ticks of `f` over `n` runs.
@@ -81,19 +100,10 @@ fn exit_cost() -> ! {
     let (vmcall, ok) = ticks_per(N, || hv::raw(hc::NOP, 0, 0, 0) == 0);
     println!("exit-cost: {vmcall} TSC ticks per NOP hypercall round trip");
     let mut ok = hv::report(check::VMCALL_COST, ok, vmcall);
-    let (cpuid_ticks, _) = ticks_per(N, || cpuid(0).0 > 0);
+    let (cpuid_ticks, _) = ticks_per(N, || cpu::cpuid(0, 0).0 > 0);
     println!("exit-cost: {cpuid_ticks} TSC ticks per CPUID exit");
     ok &= hv::report(check::CPUID_COST, true, cpuid_ticks);
     hv::exit(!ok as u64)
-}
-
-static GP_SEEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// #GP from the RDMSR probe: note it and step over the 2-byte RDMSR.
-extern "x86-interrupt" fn rdmsr_gp(mut frame: idt::Frame, _code: u64) {
-    GP_SEEN.store(true, core::sync::atomic::Ordering::SeqCst);
-    // SAFETY: the frame is the one the CPU pushed; we return past RDMSR.
-    unsafe { core::ptr::write_volatile(&mut frame.rip, frame.rip + 2) };
 }
 
 fn devices() -> ! {
@@ -102,20 +112,20 @@ fn devices() -> ! {
     unsafe { asm!("in al, dx", out("al") port, in("dx") 0x80u16, options(nomem, nostack)) };
     let mut ok = hv::report(check::UNKNOWN_PORT_ONES, port == 0xff, port as u64);
 
-    idt::set_general_protection(rdmsr_gp);
-    // SAFETY: MSR 0x4b56_4d00 does not exist: #GP, handled just above.
-    unsafe { asm!("rdmsr", in("ecx") 0x4b56_4d00u32, out("eax") _, out("edx") _, options(nostack)) };
-    ok &= hv::report(check::UNKNOWN_MSR_GP, GP_SEEN.load(core::sync::atomic::Ordering::SeqCst), 0);
+    // MSR 0x4b56_4d00 does not exist: #GP.
+    let r = cpu::rdmsr(0x4b56_4d00);
+    ok &= hv::report(check::UNKNOWN_MSR_GP, matches!(r, Err(e) if e.vector == trap::GP), 0);
 
-    const VMXE: u64 = 1 << 13;
-    let cr4 = read_cr4();
-    ok &= hv::report(check::CR4_VMXE_HIDDEN, cr4 & VMXE == 0, cr4);
-    // SAFETY: VMXE is owned by the hypervisor: the write exits and only
-    // the shadow changes; nothing else in CR4 changes.
-    unsafe { asm!("mov cr4, {}", in(reg) cr4 | VMXE, options(nostack)) };
-    let after = read_cr4();
-    ok &= hv::report(check::CR4_WRITE, after & VMXE != 0, after);
-    unsafe { asm!("mov cr4, {}", in(reg) cr4, options(nostack)) };
+    let cr4 = cpu::cr4();
+    ok &= hv::report(check::CR4_VMXE_HIDDEN, cr4 & cpu::CR4_VMXE == 0, cr4);
+    // VMX is hidden from the guest, so VMXE is a bit it may not set:
+    // #GP(0), and CR4 stays as it was.
+    let (gp, detail) = trap::expect_gp0(cpu::set_cr4(cr4 | cpu::CR4_VMXE));
+    let after = cpu::cr4();
+    if after != cr4 {
+        let _ = cpu::set_cr4(cr4);
+    }
+    ok &= hv::report(check::CR4_WRITE, gp && after == cr4, if after != cr4 { after } else { detail });
 
     // SAFETY: no interrupt source is enabled; the hypervisor treats HLT
     // with IF=1 as "idle" and resumes us after the next round.
@@ -124,18 +134,12 @@ fn devices() -> ! {
     hv::exit(!ok as u64)
 }
 
-fn read_cr4() -> u64 {
-    let v: u64;
-    unsafe { asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
 fn hello() -> ! {
     println!("hello from the guest");
-    let (_, _, ecx, _) = cpuid(1);
+    let (_, _, ecx, _) = cpu::cpuid(1, 0);
     let mut ok = hv::report(check::CPUID_VMX_HIDDEN, ecx & (1 << 5) == 0, ecx as u64);
     ok &= hv::report(check::CPUID_HYPERVISOR_BIT, ecx & (1 << 31) != 0, ecx as u64);
-    let (_, ebx, ecx, edx) = cpuid(hc::CPUID_HV_LEAF);
+    let (_, ebx, ecx, edx) = cpu::cpuid(hc::CPUID_HV_LEAF, 0);
     let mut vendor = [0u8; 12];
     vendor[0..4].copy_from_slice(&ebx.to_le_bytes());
     vendor[4..8].copy_from_slice(&ecx.to_le_bytes());
