@@ -4,8 +4,9 @@
 
 use crate::exits::{self, Next};
 use crate::memory::Page;
+use crate::vcpu::{HostCpu, Vcpu};
 use crate::vm::{Cause, End, Vm};
-use crate::vmx::instructions::{self, invvpid_single};
+use crate::vmx::instructions::{self, InvType};
 use crate::vmx::vmcs::{self, Vmcs};
 use crate::vmx::Vmx;
 use alloc::boxed::Box;
@@ -33,10 +34,21 @@ const MERGEABLE_START: u64 = hvcore::hypercall::dedupe_layout::REGION_START;
 const SCAN_BATCH: usize = 64;
 /// A VM that has had this many slices without ending is stopped.
 const MAX_SLICES: u64 = 200_000;
+/// A time slice in host TSC ticks, exit handling included (in Bochs about
+/// 20000 guest instructions).
+const SLICE_TICKS: u64 = 20_000;
+/// The frame quota of the `memhog` scenario (it has 8 MiB of memory).
+const MEMHOG_QUOTA: usize = 1024;
 
 /// What the exit handlers may use besides their VM.
 pub struct Host {
     pub caps: VmxCaps,
+    /// What every vCPU switches against.
+    pub cpu: HostCpu,
+    /// CR4 bits a guest may set: what its CPUID shows and VMX allows.
+    pub cr4_allowed: u64,
+    /// The optional secondary controls every VMCS gets.
+    secondary: x86::vmx::vmcs::control::SecondaryControls,
     pub pm: PageManager<OffsetPhysMem>,
     sharing: SharingPolicy,
     converged_logged: bool,
@@ -47,6 +59,19 @@ pub struct Host {
 }
 
 impl Host {
+    /// What the guest's CPUID depends on besides the host's.
+    pub fn guest_view(&self, guest_cr4: u64) -> hvcore::cpuid::GuestView {
+        use hvcore::control_regs::{CR4_OSXSAVE, CR4_PKE};
+        use x86::vmx::vmcs::control::SecondaryControls as S;
+        hvcore::cpuid::GuestView {
+            cr4_osxsave: guest_cr4 & CR4_OSXSAVE != 0,
+            cr4_pke: guest_cr4 & CR4_PKE != 0,
+            xcr0_allowed: self.cpu.xcr0,
+            rdtscp: self.secondary.contains(S::ENABLE_RDTSCP),
+            invpcid: self.secondary.contains(S::ENABLE_INVPCID),
+        }
+    }
+
     /// DEDUPE_STATUS: converged only once a whole scan pass has run after
     /// the guest first asked (it filled its memory before asking), and
     /// that pass or a later one merged nothing and saw nothing change.
@@ -66,7 +91,7 @@ impl Host {
             );
         }
         if vm.dedupe.violations_at_converged.is_none() {
-            vm.dedupe.violations_at_converged = Some(self.vm_stats(vm).ept_violations);
+            vm.dedupe.violations_at_converged = Some(vm.dedupe.region_violations);
         }
         true
     }
@@ -77,7 +102,7 @@ impl Host {
         let s = self.vm_stats(vm);
         match (check, vm.dedupe.violations_at_converged) {
             (id::DEDUPE_INTACT, Some(before)) => {
-                log::info!("{}: re-read after merge: {} EPT violations", vm.name, s.ept_violations - before);
+                log::info!("{}: re-read after merge: {} EPT violations", vm.name, vm.dedupe.region_violations - before);
                 vm.dedupe.cow_at_reread = Some(s.cow_breaks);
                 if self.oom_test && !self.starving_someone {
                     self.starving_someone = true;
@@ -112,14 +137,18 @@ impl Host {
     }
 }
 
-/// INVEPT single-context for one VM's EPTP, known once its tables exist.
-struct InveptFlush(Arc<AtomicU64>);
+/// INVEPT for one VM's EPTP (known once its tables exist): single-context
+/// where the CPU has it, else all-context (`VmxCaps::invept_type`).
+struct InveptFlush {
+    eptp: Arc<AtomicU64>,
+    kind: InvType,
+}
 
 impl TlbFlush for InveptFlush {
     fn flush_guest_tlb(&mut self) {
-        match self.0.load(Ordering::Relaxed) {
-            0 => instructions::invept_all(),
-            eptp => instructions::invept_single(eptp),
+        match (self.kind, self.eptp.load(Ordering::Relaxed)) {
+            (InvType::SingleContext, eptp) if eptp != 0 => instructions::invept(InvType::SingleContext, eptp),
+            _ => instructions::invept(InvType::AllContext, 0),
         }
     }
 }
@@ -140,9 +169,19 @@ impl Hypervisor {
         let track_dirty = vmx.caps.ept_vpid & hvcore::vmx::caps::ept_cap::ACCESSED_DIRTY != 0;
         let config = DedupeConfig { policy: sharing, track_dirty, ..DedupeConfig::default() };
         let pm = PageManager::new(*crate::memory::phys(), frames, config);
-        let mut msr_bitmap = Page::zeroed();
-        msr_bitmap.0.fill(0xff); // every RDMSR/WRMSR exits (SDM Vol. 3C 25.6.9)
-        let host = Host { caps: vmx.caps, pm, sharing, converged_logged: false, oom_test, starving_someone: false, held: Vec::new() };
+        let msr_bitmap = msr_bitmap();
+        let cpu = HostCpu::init();
+        let secondary = vmcs::optional_secondary(&vmx.caps);
+        let mut host = Host {
+            caps: vmx.caps, cpu, cr4_allowed: 0, secondary, pm, sharing, converged_logged: false, oom_test,
+            starving_someone: false, held: Vec::new(),
+        };
+        // The CR4 bits of the CPU the guest is shown (with CR4.OSXSAVE and
+        // PKE on, so that nothing they gate is hidden), within VMX's limits.
+        let view = host.guest_view(hvcore::control_regs::CR4_OSXSAVE | hvcore::control_regs::CR4_PKE);
+        let shown = |l, s| hvcore::cpuid::guest_cpuid(l, s, &crate::vcpu::host_cpuid, &view);
+        host.cr4_allowed = hvcore::control_regs::cr4_allowed(&shown) & vmx.caps.cr4_fixed.1;
+        log::info!("vcpu: guest CR4 may set {:#x}; secondary controls {:#x}", host.cr4_allowed, secondary.bits());
         Hypervisor { host, vms: Vec::new(), msr_bitmap, mode, tsc_ticks: 0 }
     }
 
@@ -153,11 +192,15 @@ impl Hypervisor {
         let index = self.vms.len();
         let name = format!("vm{index}");
         let eptp_cell = Arc::new(AtomicU64::new(0));
-        let config = VmConfig { mode: self.mode, ..VmConfig::default() };
+        let mut config = VmConfig { mode: self.mode, ..VmConfig::default() };
+        if scn == scenario::MEMHOG {
+            config.frame_quota = MEMHOG_QUOTA;
+        }
+        let flush = InveptFlush { eptp: eptp_cell.clone(), kind: self.host.caps.invept_type() };
         let id = self
             .host
             .pm
-            .create_vm(config, Box::new(InveptFlush(eptp_cell.clone())))
+            .create_vm(config, Box::new(flush))
             .map_err(|e| format!("{name}: cannot create: {e:?}"))?;
         match self.set_up(&name, id, guest_elf, scn, &eptp_cell) {
             Ok(vm) => {
@@ -187,21 +230,33 @@ impl Hypervisor {
         let eptp = mmu.eptp(mmu.accessed_dirty());
         eptp_cell.store(eptp, Ordering::Relaxed);
 
-        let vmcs = Vmcs::new(self.host.caps.revision_id());
-        vmcs.load();
+        let vcpu = Vcpu::new(Vmcs::new(self.host.caps.revision_id()), &self.host.cpu);
+        vcpu.vmcs.load();
         // VPID 0 is the host's; each VM gets its own and starts with no
         // stale translations under it.
-        let vpid = self.host.caps.has_vpid().then_some(index as u16 + 1);
-        if let Some(v) = vpid {
-            invvpid_single(v);
-        }
-        let setup = vmcs::Setup { caps: &self.host.caps, boot: &boot, eptp, vpid, msr_bitmap: self.msr_bitmap.phys() };
+        let vpid = match self.host.caps.invvpid_type() {
+            Some(kind) if self.host.caps.has_vpid() => {
+                let v = index as u16 + 1;
+                instructions::invvpid(kind, v);
+                Some(v)
+            }
+            _ => None,
+        };
+        let setup = vmcs::Setup {
+            caps: &self.host.caps,
+            boot: &boot,
+            eptp,
+            vpid,
+            msr_bitmap: self.msr_bitmap.phys(),
+            vapic: vcpu.vapic.phys(),
+            cr4_allowed: self.host.cr4_allowed,
+        };
         vmcs::setup(&setup).map_err(|e| format!("VMCS: {e}"))?;
         if scn == scenario::BAD_VMCS {
-            let _ = vmcs::write(x86::vmx::vmcs::control::CR3_TARGET_COUNT, 99);
+            vmcs::set(x86::vmx::vmcs::control::CR3_TARGET_COUNT, 99);
         }
-        let mut vm = Vm::new(name.into(), scn, id, vmcs);
-        vm.regs.rdi = boot.rdi;
+        let mut vm = Vm::new(name.into(), scn, id, vcpu);
+        vm.vcpu.regs.rdi = boot.rdi;
         log::info!(
             "{}: created: scenario {}, {} MiB, entry {:#x}, EPTP {:#x} (A/D {}), VPID {}",
             vm.name, scenario::name(scn).unwrap_or("?"), GUEST_MEMORY >> 20, boot.rip, eptp,
@@ -239,43 +294,26 @@ impl Hypervisor {
         }
     }
 
-    /// One time slice of VM `i`: enter, handle exits, until it yields, its
-    /// timer expires or it ends.
+    /// One time slice of VM `i`: its state in, enter, handle exits, until
+    /// it yields, its slice is used up or it ends; its state out.
     fn slice(&mut self, i: usize) {
         self.vms[i].slices += 1;
         self.host.starve(&self.vms[i]);
-        self.run_slice(i);
-        self.host.feed();
-    }
-
-    fn run_slice(&mut self, i: usize) {
         let vm = &mut self.vms[i];
-        vm.vmcs.load();
-        let _ = vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, vmcs::SLICE);
-        loop {
-            // SAFETY: the VM's VMCS is current and fully set up.
-            if unsafe { instructions::run(&mut vm.regs, vm.launched) }.is_err() {
-                let err = vmcs::read(ro::VM_INSTRUCTION_ERROR) as u32;
-                let what = hvcore::vmx::instruction_error_meaning(err);
-                vm.stop(Cause::EntryFailed(format!("VM-instruction error {err}: {what}")));
-                vm.vmcs.clear();
-                return;
-            }
-            vm.launched = true;
-            match exits::handle(vm, &mut self.host) {
-                Next::Resume => continue,
-                Next::Yield => break,
-                Next::Ended => {
-                    // Write the VMCS back to memory; it is never used again.
-                    vm.vmcs.clear();
-                    return;
-                }
-            }
-        }
-        if vm.slices > MAX_SLICES {
+        vm.vcpu.vmcs.load();
+        vm.vcpu.switch_in(&self.host.cpu);
+        let t0 = crate::vcpu::rdtsc();
+        run_slice(vm, &mut self.host, t0);
+        vm.cpu_ticks += crate::vcpu::rdtsc() - t0;
+        vm.vcpu.switch_out(&self.host.cpu);
+        if vm.end.is_none() && vm.slices > MAX_SLICES {
             vm.stop(Cause::Unhandled(format!("still running after {MAX_SLICES} time slices")));
-            vm.vmcs.clear();
         }
+        if vm.end.is_some() {
+            // Write the VMCS back to memory; it is never used again.
+            vm.vcpu.vmcs.clear();
+        }
+        self.host.feed();
     }
 
     /// Logs how each VM ended, the exit counters and the memory statistics;
@@ -312,11 +350,18 @@ impl Hypervisor {
                 .map(|r| format!("{}={}", exit_reason_name(r as u16), vm.exits[r]))
                 .collect();
             log::info!(
-                "{} exits: {}; unknown ports {}, refused hypercalls {}",
+                "{} exits: {}; unknown ports {}, refused hypercalls {}, guest log lines dropped {}",
                 vm.name,
                 if counts.is_empty() { "none".into() } else { counts.join(", ") },
                 vm.unknown_ports,
-                vm.refused_hypercalls
+                vm.refused_hypercalls,
+                vm.logs_dropped()
+            );
+            let (frames_held, frames_peak) = self.host.pm.vm_stats(vm.id).map_or((0, 0), |(s, _)| (s.frames_held, s.frames_peak));
+            log::info!(
+                "{} resources: {} TSC ticks of CPU in {} slices; {} host frames held (peak {}, quota {}); {} checks kept (cap {})",
+                vm.name, vm.cpu_ticks, vm.slices, frames_held, frames_peak,
+                self.host.pm.frame_quota(vm.id).unwrap_or(0), vm.checks.len(), crate::vm::MAX_CHECKS
             );
         }
         let s = self.host.pm.ksm_stats();
@@ -332,6 +377,8 @@ impl Hypervisor {
         );
         log::info!("notifier: {:?}", t.mmu);
         log::info!("warnings: {} WARN hits", hvcore::warn::total_hits());
+        let (in_use, peak) = crate::memory::heap_usage();
+        log::info!("heap: {} KiB in use, high-water mark {} KiB of {} KiB", in_use >> 10, peak >> 10, crate::memory::HEAP_SIZE >> 10);
         let exits: u64 = self.vms.iter().map(|vm| vm.total_exits()).sum();
         log::info!(
             "run: {} VM exits in {} TSC ticks ({} ticks per exit, handling and guest time included)",
@@ -344,6 +391,50 @@ impl Hypervisor {
     }
 }
 
+/// Enters `vm` until its slice of [`SLICE_TICKS`] host ticks from `t0` is
+/// used up. The slice is bounded in host time, exit handling included: a
+/// guest that exits often cannot stretch it, with or without the
+/// "save VMX-preemption timer" control (each entry gets only what is left,
+/// SDM Vol. 3C 26.5.1).
+fn run_slice(vm: &mut Vm, host: &mut Host, t0: u64) {
+    let rate = host.caps.preemption_timer_rate();
+    loop {
+        let used = crate::vcpu::rdtsc().wrapping_sub(t0);
+        if used >= SLICE_TICKS {
+            return;
+        }
+        vmcs::set(guest::VMX_PREEMPTION_TIMER_VALUE, ((SLICE_TICKS - used) >> rate).max(1));
+        // SAFETY: the VM's VMCS is current and fully set up.
+        if unsafe { instructions::run(&mut vm.vcpu.regs, vm.vcpu.launched) }.is_err() {
+            let err = vmcs::read(ro::VM_INSTRUCTION_ERROR) as u32;
+            let what = hvcore::vmx::instruction_error_meaning(err);
+            vm.stop(Cause::EntryFailed(format!("VM-instruction error {err}: {what}")));
+            return;
+        }
+        vm.vcpu.launched = true;
+        match exits::handle(vm, host) {
+            Next::Resume => continue,
+            Next::Yield | Next::Ended => return,
+        }
+    }
+}
+
+/// The MSR bitmap shared by every VM (SDM Vol. 3C 25.6.9): every RDMSR and
+/// WRMSR exits except those of the MSRs the vCPU switches, which the
+/// guest reaches directly.
+fn msr_bitmap() -> Box<Page> {
+    let mut bitmap = Page::zeroed();
+    bitmap.0.fill(0xff);
+    for msr in crate::vcpu::SWITCHED_MSRS {
+        // Read bitmap for 0xC000_0000.. at byte 1024, write bitmap at 3072.
+        let bit = (msr - 0xc000_0000) as usize;
+        for base in [1024, 3072] {
+            bitmap.0[base + bit / 8] &= !(1 << (bit % 8));
+        }
+    }
+    bitmap
+}
+
 /// Whether `vm` ended the way its scenario should.
 fn verdict(vm: &Vm) -> Result<(), String> {
     let failed = vm.checks.iter().filter(|c| c.failed).count();
@@ -353,7 +444,9 @@ fn verdict(vm: &Vm) -> Result<(), String> {
         (scenario::WILD_ACCESS, Some(End::Stopped(Cause::WildAccess(_)))) => Ok(()),
         (scenario::TRIPLE_FAULT, Some(End::Stopped(Cause::TripleFault))) => Ok(()),
         (scenario::BAD_VMCS, Some(End::Stopped(Cause::EntryFailed(_)))) => Ok(()),
-        (scenario::WILD_ACCESS | scenario::TRIPLE_FAULT | scenario::BAD_VMCS, _) => {
+        (scenario::DB_LOOP, Some(End::Stopped(Cause::ExceptionLoop { vector: 1, .. }))) => Ok(()),
+        (scenario::MEMHOG, Some(End::Stopped(Cause::FrameQuota(_)))) => Ok(()),
+        (scenario::WILD_ACCESS | scenario::TRIPLE_FAULT | scenario::BAD_VMCS | scenario::DB_LOOP | scenario::MEMHOG, _) => {
             Err("expected the hypervisor to stop it".into())
         }
         (_, Some(End::Exited(0))) if failed == 0 && !vm.checks.is_empty() => Ok(()),

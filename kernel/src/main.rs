@@ -7,6 +7,9 @@
 
 extern crate alloc;
 
+// First: its `guest_log!` is used by the modules after it.
+#[macro_use]
+mod vm;
 mod exits;
 mod gdt;
 mod hypervisor;
@@ -16,7 +19,7 @@ mod memory;
 mod power;
 mod serial;
 mod summary;
-mod vm;
+mod vcpu;
 mod vmx;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};

@@ -6,15 +6,18 @@ use bootloader_api::info::{MemoryRegionKind, MemoryRegions};
 use core::ops::Range;
 use hvcore::frame::FrameAllocator;
 use hvcore::phys::{OffsetPhysMem, PAGE_SIZE};
+use hvcore::heap_stats::CountingAlloc;
 use linked_list_allocator::LockedHeap;
 use spin::Once;
 
+/// The kernel heap, counted so that the run report can show its
+/// high-water mark (no guest may be able to grow it without bound).
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: CountingAlloc<LockedHeap> = CountingAlloc::new(LockedHeap::empty());
 
 /// Heap for the kernel's own data (tables' metadata, indexes, VM state);
 /// guest memory and paging tables come from the frame allocator instead.
-const HEAP_SIZE: u64 = 16 << 20;
+pub const HEAP_SIZE: u64 = 16 << 20;
 /// Frames below 1 MiB are left alone (real-mode structures, BIOS data).
 const LOW_MEMORY_END: u64 = 1 << 20;
 
@@ -52,7 +55,7 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<(MemoryInfo, Fr
         .ok_or("no usable memory region large enough for the kernel heap")?;
     // SAFETY: the range is usable RAM that nothing else is given (it is cut
     // out of the frame allocator below), mapped at `phys_offset`.
-    unsafe { HEAP.lock().init((phys_offset + heap.start) as *mut u8, HEAP_SIZE as usize) };
+    unsafe { HEAP.inner().lock().init((phys_offset + heap.start) as *mut u8, HEAP_SIZE as usize) };
 
     let rest = usable(regions).flat_map(move |r| cut(r, heap.clone()));
     let frames = FrameAllocator::new(rest);
@@ -63,6 +66,11 @@ pub fn init(regions: &MemoryRegions, phys_offset: u64) -> Result<(MemoryInfo, Fr
         frames: frames.total_frames(),
     };
     Ok((info, frames))
+}
+
+/// Heap bytes in use now and at most so far.
+pub fn heap_usage() -> (usize, usize) {
+    (HEAP.in_use(), HEAP.peak())
 }
 
 /// `r` without `hole`: up to two ranges.

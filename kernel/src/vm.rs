@@ -1,14 +1,25 @@
-//! A virtual machine as the kernel sees it: one vCPU (its VMCS and
-//! registers), its memory in the page manager, its devices, its counters,
-//! and how it ended.
+//! A virtual machine as the kernel sees it: one vCPU (all of its
+//! processor state), its memory in the page manager, its devices, its
+//! counters and limits, and how it ended.
 
-use crate::vmx::instructions::GuestRegs;
-use crate::vmx::vmcs::Vmcs;
+use crate::vcpu::Vcpu;
 use alloc::string::String;
 use alloc::vec::Vec;
 use hvcore::page_manager::VmId;
+use hvcore::rate_limit::TokenBucket;
 use hvcore::serial_device::SerialDevice;
+use hvcore::vmx::event::ExceptionLoop;
 use hvcore::vmx::exit::reason;
+
+/// At most this many REPORTed checks are kept per VM; past it REPORT
+/// returns ERROR (the list must not grow the host heap without bound).
+pub const MAX_CHECKS: usize = 256;
+/// Guest-triggered log lines: a burst of this many, then one more every
+/// [`LOG_TICKS_PER_LINE`] TSC ticks. Each line costs the host the time to
+/// send it through the UART (about 1 ms at 115200 baud), so a guest that
+/// prints without end would otherwise take the CPU from the other VMs.
+pub const LOG_BURST: u32 = 64;
+pub const LOG_TICKS_PER_LINE: u64 = 1 << 20;
 
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +35,10 @@ pub enum Cause {
     WildAccess(u64),
     TripleFault,
     OutOfMemory,
+    /// It would hold more host frames than its quota.
+    FrameQuota(usize),
+    /// The same exception at the same place, exit after exit.
+    ExceptionLoop { vector: u8, rip: u64, rounds: u32 },
     EntryFailed(String),
     Unhandled(String),
 }
@@ -34,6 +49,11 @@ impl core::fmt::Display for Cause {
             Cause::WildAccess(gpa) => write!(f, "guest-physical access at {gpa:#x} outside its memory"),
             Cause::TripleFault => f.write_str("triple fault"),
             Cause::OutOfMemory => f.write_str("out of host memory"),
+            Cause::FrameQuota(q) => write!(f, "frame quota of {q} frames exceeded"),
+            Cause::ExceptionLoop { vector, rip, rounds } => {
+                let what = if *vector == 1 { "debug-exception loop" } else { "exception loop" };
+                write!(f, "{what}: vector {vector} at RIP {rip:#x} {rounds} times in a row with no progress")
+            }
             Cause::EntryFailed(why) => write!(f, "VM entry failed: {why}"),
             Cause::Unhandled(why) => f.write_str(why),
         }
@@ -52,9 +72,7 @@ pub struct Vm {
     pub name: String,
     pub scenario: u8,
     pub id: VmId,
-    pub vmcs: Vmcs,
-    pub regs: GuestRegs,
-    pub launched: bool,
+    pub vcpu: Vcpu,
     pub serial: SerialDevice,
     pub exits: [u64; reason::COUNT],
     /// Time slices it was given.
@@ -62,7 +80,10 @@ pub struct Vm {
     pub checks: Vec<Check>,
     pub unknown_ports: u64,
     pub refused_hypercalls: u64,
-    pub kernel_gs_base: u64,
+    /// Host TSC ticks its slices took, exit handling included.
+    pub cpu_ticks: u64,
+    log_bucket: TokenBucket,
+    pub exception_loop: ExceptionLoop,
     pub end: Option<End>,
     pub dedupe: DedupeProgress,
 }
@@ -74,7 +95,10 @@ pub struct Vm {
 pub struct DedupeProgress {
     /// `full_scans` when the guest first asked whether the scan converged.
     pub asked_at: Option<u64>,
-    /// The VM's EPT violations when it was told the scan converged.
+    /// EPT violations in the dedupe region so far (the guest's own code
+    /// and stack pages are not what the re-read measures).
+    pub region_violations: u64,
+    /// `region_violations` when the VM was told the scan converged.
     pub violations_at_converged: Option<u64>,
     /// The VM's COW breaks when it reported its re-read check.
     pub cow_at_reread: Option<u64>,
@@ -83,21 +107,21 @@ pub struct DedupeProgress {
 }
 
 impl Vm {
-    pub fn new(name: String, scenario: u8, id: VmId, vmcs: Vmcs) -> Vm {
+    pub fn new(name: String, scenario: u8, id: VmId, vcpu: Vcpu) -> Vm {
         Vm {
             name,
             scenario,
             id,
-            vmcs,
-            regs: GuestRegs::default(),
-            launched: false,
+            vcpu,
             serial: SerialDevice::default(),
             exits: [0; reason::COUNT],
             slices: 0,
             checks: Vec::new(),
             unknown_ports: 0,
             refused_hypercalls: 0,
-            kernel_gs_base: 0,
+            cpu_ticks: 0,
+            log_bucket: TokenBucket::new(LOG_BURST, LOG_TICKS_PER_LINE),
+            exception_loop: ExceptionLoop::default(),
             end: None,
             dedupe: DedupeProgress::default(),
         }
@@ -109,7 +133,32 @@ impl Vm {
         self.end = Some(End::Stopped(cause));
     }
 
+    /// Whether a log line this guest caused may go out now (see
+    /// [`LOG_BURST`]); a line that may not is counted.
+    pub fn may_log(&mut self) -> bool {
+        let ok = self.log_bucket.take(crate::vcpu::rdtsc());
+        if !ok && self.log_bucket.dropped() == 1 {
+            log::warn!("{}: guest log rate limit reached: lines over its budget are dropped and counted", self.name);
+        }
+        ok
+    }
+
+    /// Guest-caused log lines dropped so far.
+    pub fn logs_dropped(&self) -> u64 {
+        self.log_bucket.dropped()
+    }
+
     pub fn total_exits(&self) -> u64 {
         self.exits.iter().sum()
     }
+}
+
+/// A log line caused by the guest of `$vm`: rate-limited per VM
+/// ([`Vm::may_log`]).
+macro_rules! guest_log {
+    ($vm:expr, $level:ident, $($arg:tt)*) => {
+        if $vm.may_log() {
+            log::$level!($($arg)*);
+        }
+    };
 }

@@ -1,17 +1,19 @@
-//! CPUID: the host's answer through `hvcore::cpuid::filter`.
+//! CPUID: the host's answer through `hvcore::cpuid::guest_cpuid`, which
+//! shows only what works under this hypervisor.
 
 use super::{skip_instruction, Next};
+use crate::hypervisor::Host;
 use crate::vm::Vm;
-use hvcore::cpuid::{filter, Regs};
+use hvcore::cpuid::guest_cpuid;
 
-pub fn handle(vm: &mut Vm) -> Next {
-    let (leaf, subleaf) = (vm.regs.rax as u32, vm.regs.rcx as u32);
-    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    let g = filter(leaf, Regs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx });
-    vm.regs.rax = g.eax as u64;
-    vm.regs.rbx = g.ebx as u64;
-    vm.regs.rcx = g.ecx as u64;
-    vm.regs.rdx = g.edx as u64;
-    skip_instruction();
-    Next::Resume
+pub fn handle(vm: &mut Vm, host: &Host) -> Next {
+    let (leaf, subleaf) = (vm.vcpu.regs.rax as u32, vm.vcpu.regs.rcx as u32);
+    let view = host.guest_view(crate::exits::cr_access::guest_cr4());
+    let g = guest_cpuid(leaf, subleaf, &crate::vcpu::host_cpuid, &view);
+    let r = &mut vm.vcpu.regs;
+    r.rax = g.eax as u64;
+    r.rbx = g.ebx as u64;
+    r.rcx = g.ecx as u64;
+    r.rdx = g.edx as u64;
+    skip_instruction(vm)
 }

@@ -1,11 +1,15 @@
-//! MOV to CR0/CR4 that touches a bit VMX fixes (the guest/host masks):
-//! the guest keeps the value it wrote in the read shadow, the real
-//! register keeps the fixed bits (SDM Vol. 3C 26.3, Table 28-3).
+//! MOV to CR0/CR4 that touches a bit the host owns (the guest/host masks:
+//! the bits VMX fixes, and every CR4 bit the guest may not set). The
+//! write is checked as the CPU would check it (`hvcore::control_regs`):
+//! a bad one gets #GP(0) and changes nothing; a good one goes to the read
+//! shadow as written and to the real register with the fixed bits
+//! applied (SDM Vol. 3C 26.3, Table 28-3).
 
-use super::{skip_instruction, Next};
+use super::{inject_gp, skip_instruction, Next};
 use crate::hypervisor::Host;
 use crate::vm::{Cause, Vm};
-use crate::vmx::vmcs::{read, write};
+use crate::vmx::vmcs::{read, set};
+use hvcore::control_regs::{check_cr0_write, check_cr4_write, CrState, CR0_PE, CR0_PG};
 use x86::vmx::vmcs::{control, guest, ro};
 
 pub fn handle(vm: &mut Vm, host: &Host) -> Next {
@@ -16,26 +20,62 @@ pub fn handle(vm: &mut Vm, host: &Host) -> Next {
         return Next::Ended;
     }
     let value = gpr_value(vm, gpr);
+    let state = cr_state();
     let caps = &host.caps;
-    let done = match cr {
-        0 => write(guest::CR0, caps.fix_cr0(value)).and(write(control::CR0_READ_SHADOW, value)),
-        4 => write(guest::CR4, caps.fix_cr4(value)).and(write(control::CR4_READ_SHADOW, value)),
+    match cr {
+        0 => {
+            if check_cr0_write(&state, value).is_err() {
+                return inject_gp();
+            }
+            // Without "unrestricted guest" the real CR0 keeps PE and PG.
+            if value & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
+                vm.stop(Cause::Unhandled("the guest turned off paging or protection (needs unrestricted guest)".into()));
+                return Next::Ended;
+            }
+            set(guest::CR0, caps.fix_cr0(value));
+            set(control::CR0_READ_SHADOW, value);
+        }
+        4 => {
+            if check_cr4_write(&state, value, host.cr4_allowed).is_err() {
+                return inject_gp();
+            }
+            set(guest::CR4, caps.fix_cr4(value));
+            set(control::CR4_READ_SHADOW, value);
+        }
         _ => {
             vm.stop(Cause::Unhandled(alloc::format!("MOV to CR{cr} is not emulated")));
             return Next::Ended;
         }
-    };
-    if done.is_err() {
-        vm.stop(Cause::Unhandled(alloc::format!("could not update CR{cr}")));
-        return Next::Ended;
     }
-    skip_instruction();
-    Next::Resume
+    skip_instruction(vm)
+}
+
+/// A control register as the guest sees it: its own bits from the real
+/// register, the host's from the read shadow (SDM 25.6.6).
+fn guest_view(real: u32, shadow: u32, mask: u32) -> u64 {
+    let mask = read(mask);
+    (read(real) & !mask) | (read(shadow) & mask)
+}
+
+pub fn guest_cr4() -> u64 {
+    guest_view(guest::CR4, control::CR4_READ_SHADOW, control::CR4_GUEST_HOST_MASK)
+}
+
+/// What the CR and EFER checks need of the guest, as it sees itself.
+pub fn cr_state() -> CrState {
+    const CS_L: u64 = 1 << 13; // access rights: 64-bit code segment
+    CrState {
+        cr0: guest_view(guest::CR0, control::CR0_READ_SHADOW, control::CR0_GUEST_HOST_MASK),
+        cr3: read(guest::CR3),
+        cr4: guest_cr4(),
+        efer: read(guest::IA32_EFER_FULL),
+        cs_long: read(guest::CS_ACCESS_RIGHTS) & CS_L != 0,
+    }
 }
 
 /// General-purpose register `n` in the encoding of Table 28-3.
 fn gpr_value(vm: &Vm, n: usize) -> u64 {
-    let r = &vm.regs;
+    let r = &vm.vcpu.regs;
     [
         r.rax, r.rcx, r.rdx, r.rbx, read(guest::RSP), r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
         r.r14, r.r15,

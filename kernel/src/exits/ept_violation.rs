@@ -21,6 +21,10 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
     } else {
         Access::Read
     };
+    use hvcore::hypercall::dedupe_layout::{REGION_END, REGION_START};
+    if (REGION_START..REGION_END).contains(&gpa) {
+        vm.dedupe.region_violations += 1;
+    }
     let outcome = host.pm.handle_ept_violation(vm.id, gpa, access);
     log::trace!("{}: EPT violation at {gpa:#x} ({access:?}, qualification {q:?}): {outcome:?}", vm.name);
     match outcome {
@@ -31,6 +35,10 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
         }
         Outcome::OutOfMemory => {
             vm.stop(Cause::OutOfMemory);
+            Next::Ended
+        }
+        Outcome::QuotaExceeded => {
+            vm.stop(Cause::FrameQuota(host.pm.frame_quota(vm.id).unwrap_or(0)));
             Next::Ended
         }
     }

@@ -14,24 +14,35 @@ pub fn handle(vm: &mut Vm) -> Next {
         vm.stop(Cause::Unhandled(alloc::format!("string I/O (INS/OUTS) on port {:#x} is not emulated", q.port)));
         return Next::Ended;
     }
-    let mask = match q.size {
-        1 => 0xff,
-        2 => 0xffff,
-        _ => 0xffff_ffff,
-    };
-    if SerialDevice::claims(q.port) {
-        if q.is_in {
-            vm.regs.rax = (vm.regs.rax & !mask) | vm.serial.read(q.port) as u64;
-        } else if let Some(line) = vm.serial.write(q.port, vm.regs.rax as u8) {
-            log::info!("[{}] {}", vm.name, line);
+    if q.is_in {
+        let value = if SerialDevice::claims(q.port) { vm.serial.read(q.port) as u64 } else { unknown(vm, q.port, "IN from") };
+        vm.vcpu.regs.rax = merge_in(vm.vcpu.regs.rax, value, q.size);
+    } else if SerialDevice::claims(q.port) {
+        if let Some(line) = vm.serial.write(q.port, vm.vcpu.regs.rax as u8) {
+            // The device hands out lines with every byte that is not
+            // printable ASCII escaped; the prefix names the VM.
+            guest_log!(vm, info, "[{}] {}", vm.name, line);
         }
     } else {
-        vm.unknown_ports += 1;
-        log::debug!("{}: {} unknown port {:#x}", vm.name, if q.is_in { "IN from" } else { "OUT to" }, q.port);
-        if q.is_in {
-            vm.regs.rax |= mask;
-        }
+        unknown(vm, q.port, "OUT to");
     }
-    skip_instruction();
-    Next::Resume
+    skip_instruction(vm)
+}
+
+/// An unknown port: reads as all ones.
+fn unknown(vm: &mut Vm, port: u16, what: &str) -> u64 {
+    vm.unknown_ports += 1;
+    log::debug!("{}: {what} unknown port {port:#x}", vm.name);
+    u64::MAX
+}
+
+/// RAX after IN of `size` bytes: an 8- or 16-bit IN leaves the rest of
+/// RAX alone, a 32-bit one writes EAX and so clears bits 63:32, as every
+/// 32-bit register write does in 64-bit mode (SDM Vol. 1 3.4.1.1).
+fn merge_in(rax: u64, value: u64, size: u8) -> u64 {
+    match size {
+        1 => (rax & !0xff) | (value & 0xff),
+        2 => (rax & !0xffff) | (value & 0xffff),
+        _ => value & 0xffff_ffff,
+    }
 }

@@ -1,23 +1,28 @@
 //! VM-exit dispatch: one file per exit reason that needs more than a line.
 //! A handler tells the scheduler what to do next.
+//!
+//! Every exit the VMCS controls can produce (`vmx::vmcs::controls`) has a
+//! handler below or a named stop; an exit reason nobody expected stops
+//! its VM with the reason's name.
 
 mod cpuid;
 mod cr_access;
 mod ept_violation;
+mod exception;
 mod io;
 mod msr;
 mod vmcall;
+mod xsetbv;
 
 use crate::hypervisor::Host;
 use crate::vm::{Cause, Vm};
-use crate::vmx::vmcs::{read, write};
+use crate::vmx::vmcs::{read, set};
+use hvcore::vmx::event::{self, Event};
 use hvcore::vmx::exit::{exit_reason_name, is_vmx_instruction, reason};
 use x86::vmx::vmcs::{control, guest, ro};
 
-/// Bits of the event-information format shared by the VM-entry
-/// interruption-information and IDT-vectoring fields (SDM Vol. 3C 25.8.3).
-const EVENT_VALID: u64 = 1 << 31;
-const EVENT_DELIVERS_ERROR_CODE: u64 = 1 << 11;
+pub const UD: u8 = 6;
+pub const GP: u8 = 13;
 
 pub enum Next {
     /// Re-enter the same VM.
@@ -39,21 +44,37 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
         vm.stop(Cause::EntryFailed(alloc::format!("{} (exit reason {:#x})", exit_reason_name(basic), raw)));
         return Next::Ended;
     }
+    if basic != reason::EXCEPTION_OR_NMI {
+        vm.exception_loop.progress();
+    }
     reinject_interrupted_event();
     match basic {
-        reason::CPUID => cpuid::handle(vm),
+        reason::EXCEPTION_OR_NMI => exception::handle(vm),
+        reason::CPUID => cpuid::handle(vm, host),
         reason::VMCALL => vmcall::handle(vm, host),
         reason::IO_INSTRUCTION => io::handle(vm),
         reason::RDMSR => msr::read(vm),
         reason::WRMSR => msr::write(vm),
         reason::CR_ACCESS => cr_access::handle(vm, host),
+        reason::XSETBV => xsetbv::handle(vm, host),
         reason::EPT_VIOLATION => ept_violation::handle(vm, host),
         reason::EPT_MISCONFIG => {
             let gpa = read(ro::GUEST_PHYSICAL_ADDR_FULL);
             vm.stop(Cause::Unhandled(alloc::format!("EPT misconfiguration at {gpa:#x} (a hypervisor bug)")));
             Next::Ended
         }
-        reason::HLT => hlt(vm),
+        // MWAIT would put the CPU to sleep with no wake-up for the host;
+        // it idles like HLT instead, and MONITOR arms nothing (CPUID does
+        // not show MONITOR/MWAIT; this is for guests that try anyway).
+        reason::HLT | reason::MWAIT => halt(vm, exit_reason_name(basic)),
+        reason::MONITOR => skip_instruction(vm),
+        // The caches are coherent for a VM's memory: INVD and WBINVD have
+        // nothing to do, and must not flush what the other VMs cached
+        // (INVD would even drop the host's dirty lines).
+        reason::INVD | reason::WBINVD => skip_instruction(vm),
+        // No PMU is shown: RDPMC faults as on a CPU without counters.
+        reason::RDPMC => inject(Event::exception(GP, true), 0),
+        reason::GETSEC => inject(Event::exception(UD, false), 0),
         reason::PREEMPTION_TIMER => Next::Yield,
         reason::EXTERNAL_INTERRUPT => {
             let info = read(ro::VMEXIT_INTERRUPTION_INFO);
@@ -64,9 +85,15 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
             vm.stop(Cause::TripleFault);
             Next::Ended
         }
+        // One vCPU and no virtual APIC that could send INIT or SIPI; a
+        // task switch cannot happen in IA-32e mode (SDM Vol. 3A 7.7).
+        reason::INIT_SIGNAL | reason::STARTUP_IPI | reason::TASK_SWITCH => {
+            vm.stop(Cause::Unhandled(alloc::format!("{} is not emulated", exit_reason_name(basic))));
+            Next::Ended
+        }
         r if is_vmx_instruction(r) => {
-            log::info!("{}: {} in the guest: injecting #UD", vm.name, exit_reason_name(r));
-            inject_exception(vm, 6, None)
+            guest_log!(vm, info, "{}: {} in the guest: injecting #UD", vm.name, exit_reason_name(r));
+            inject(Event::exception(UD, false), 0)
         }
         r => {
             vm.stop(Cause::Unhandled(alloc::format!("unhandled exit reason {r} ({})", exit_reason_name(r))));
@@ -81,48 +108,56 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
 /// it (SDM Vol. 3C 28.2.4, 27.6.1). A handler that injects an event of its
 /// own replaces it.
 fn reinject_interrupted_event() {
-    let info = read(ro::IDT_VECTORING_INFO);
-    if info & EVENT_VALID == 0 {
-        return;
+    let Some(e) = Event::decode(read(ro::IDT_VECTORING_INFO) as u32) else { return };
+    set(control::VMENTRY_INTERRUPTION_INFO_FIELD, e.encode() as u64);
+    if e.error_code {
+        set(control::VMENTRY_EXCEPTION_ERR_CODE, read(ro::IDT_VECTORING_ERR_CODE));
     }
-    // Bit 12 of the vectoring information is undefined; entry wants it 0.
-    let _ = write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info & !(1 << 12));
-    if info & EVENT_DELIVERS_ERROR_CODE != 0 {
-        let _ = write(control::VMENTRY_EXCEPTION_ERR_CODE, read(ro::IDT_VECTORING_ERR_CODE));
-    }
-    let _ = write(control::VMENTRY_INSTRUCTION_LEN, read(ro::VMEXIT_INSTRUCTION_LEN));
+    set(control::VMENTRY_INSTRUCTION_LEN, read(ro::VMEXIT_INSTRUCTION_LEN));
 }
 
-/// Moves the guest past the instruction that exited.
-pub fn skip_instruction() {
+/// Ends an instruction the hypervisor emulated, as the CPU would have:
+/// RIP past it, the STI/MOV-SS shadow over (it covered this instruction),
+/// and with RFLAGS.TF a single-step #DB after it (DR6.BS set).
+pub fn skip_instruction(_vm: &mut Vm) -> Next {
     let rip = read(guest::RIP);
-    let len = read(ro::VMEXIT_INSTRUCTION_LEN);
-    let _ = write(guest::RIP, rip + len);
+    set(guest::RIP, rip + read(ro::VMEXIT_INSTRUCTION_LEN));
+    let before = read(guest::INTERRUPTIBILITY_STATE) as u32;
+    let after = event::after_emulated(before, read(guest::RFLAGS));
+    if after.interruptibility != before {
+        set(guest::INTERRUPTIBILITY_STATE, after.interruptibility as u64);
+    }
+    if after.single_step {
+        // The guest's DR6 is live during its slice (`vcpu`).
+        crate::vcpu::write_dr6(crate::vcpu::read_dr6() | event::DR6_BS);
+        return inject(Event::exception(exception::DB, false), 0);
+    }
+    Next::Resume
 }
 
-/// Queues a hardware exception for the next VM entry (SDM Vol. 3C 27.6.1).
-pub fn inject_exception(vm: &mut Vm, vector: u8, error_code: Option<u32>) -> Next {
-    const HARDWARE_EXCEPTION: u64 = 3 << 8;
-    let mut info = vector as u64 | HARDWARE_EXCEPTION | EVENT_VALID;
-    if let Some(code) = error_code {
-        info |= EVENT_DELIVERS_ERROR_CODE;
-        let _ = write(control::VMENTRY_EXCEPTION_ERR_CODE, code as u64);
+/// Queues `e` for the next VM entry (SDM Vol. 3C 27.6.1), with
+/// `error_code` where it has one.
+pub fn inject(e: Event, error_code: u32) -> Next {
+    if e.error_code {
+        set(control::VMENTRY_EXCEPTION_ERR_CODE, error_code as u64);
     }
-    match write(control::VMENTRY_INTERRUPTION_INFO_FIELD, info) {
-        Ok(()) => Next::Resume,
-        Err(_) => {
-            vm.stop(Cause::Unhandled("could not inject an exception".into()));
-            Next::Ended
-        }
-    }
+    set(control::VMENTRY_INTERRUPTION_INFO_FIELD, e.encode() as u64);
+    Next::Resume
 }
 
-/// HLT: with interrupts off nothing can ever wake the guest (no virtual
-/// interrupts are delivered yet): it is finished. Otherwise it idles.
-fn hlt(vm: &mut Vm) -> Next {
-    skip_instruction();
+/// `#GP(0)`, the answer to most bad writes.
+pub fn inject_gp() -> Next {
+    inject(Event::exception(GP, true), 0)
+}
+
+/// HLT (and MWAIT): with interrupts off nothing can ever wake the guest
+/// (no virtual interrupts are delivered yet): it is finished. Otherwise
+/// it idles and the other VMs run.
+fn halt(vm: &mut Vm, what: &str) -> Next {
+    // Resume or a queued single-step #DB: either way the VM stays.
+    let _ = skip_instruction(vm);
     if read(guest::RFLAGS) & (1 << 9) == 0 {
-        vm.stop(Cause::Unhandled("HLT with interrupts disabled: the guest can never wake".into()));
+        vm.stop(Cause::Unhandled(alloc::format!("{what} with interrupts disabled: the guest can never wake")));
         return Next::Ended;
     }
     Next::Yield

@@ -1,60 +1,89 @@
-//! RDMSR/WRMSR: every MSR access exits (the bitmap is all ones). The few
-//! MSRs a 64-bit guest needs are virtualized; any other raises #GP in the
-//! guest, as a CPU does for an MSR it does not have.
+//! RDMSR/WRMSR of the MSRs the bitmap does not pass through (those are
+//! switched per VM by `vcpu`). The ones a guest of the CPU we show needs
+//! are virtualized; any other raises #GP in the guest, as a CPU does for
+//! an MSR it does not have.
 
-use super::{inject_exception, skip_instruction, Next};
+use super::{inject_gp, skip_instruction, Next};
 use crate::vm::Vm;
-use crate::vmx::vmcs::{read as vmread, write as vmwrite};
-use x86::vmx::vmcs::guest;
+use crate::vmx::vmcs::{read as vmread, set as vmset};
+use hvcore::control_regs::check_efer_write;
+use x86::vmx::vmcs::{control, guest};
 
+const IA32_TSC: u32 = 0x10;
 const IA32_APIC_BASE: u32 = 0x1b;
+const IA32_SYSENTER_CS: u32 = 0x174;
+const IA32_SYSENTER_ESP: u32 = 0x175;
+const IA32_SYSENTER_EIP: u32 = 0x176;
+const IA32_PAT: u32 = 0x277;
 const IA32_EFER: u32 = 0xc000_0080;
 const IA32_FS_BASE: u32 = 0xc000_0100;
 const IA32_GS_BASE: u32 = 0xc000_0101;
-const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const IA32_TSC: u32 = 0x10;
 /// xAPIC enabled at the default base, bootstrap processor.
 const APIC_BASE_DEFAULT: u64 = 0xfee0_0900;
 
 pub fn read(vm: &mut Vm) -> Next {
-    let msr = vm.regs.rcx as u32;
+    let msr = vm.vcpu.regs.rcx as u32;
     let value = match msr {
+        // The guest's TSC is the host's plus its offset (SDM Vol. 3C 26.6.5).
+        IA32_TSC => crate::vcpu::rdtsc().wrapping_add(vmread(control::TSC_OFFSET_FULL)),
+        IA32_APIC_BASE => APIC_BASE_DEFAULT,
+        IA32_SYSENTER_CS => vmread(guest::IA32_SYSENTER_CS),
+        IA32_SYSENTER_ESP => vmread(guest::IA32_SYSENTER_ESP),
+        IA32_SYSENTER_EIP => vmread(guest::IA32_SYSENTER_EIP),
+        IA32_PAT => vmread(guest::IA32_PAT_FULL),
         IA32_EFER => vmread(guest::IA32_EFER_FULL),
         IA32_FS_BASE => vmread(guest::FS_BASE),
         IA32_GS_BASE => vmread(guest::GS_BASE),
-        IA32_KERNEL_GS_BASE => vm.kernel_gs_base,
-        IA32_APIC_BASE => APIC_BASE_DEFAULT,
-        IA32_TSC => unsafe { core::arch::x86_64::_rdtsc() },
         _ => return unknown(vm, "RDMSR", msr),
     };
-    vm.regs.rax = value & 0xffff_ffff;
-    vm.regs.rdx = value >> 32;
-    skip_instruction();
-    Next::Resume
+    vm.vcpu.regs.rax = value & 0xffff_ffff;
+    vm.vcpu.regs.rdx = value >> 32;
+    skip_instruction(vm)
 }
 
 pub fn write(vm: &mut Vm) -> Next {
-    let msr = vm.regs.rcx as u32;
-    let value = (vm.regs.rdx << 32) | (vm.regs.rax & 0xffff_ffff);
-    let ok = match msr {
-        // LME/LMA must stay as they are while paging is on; NXE/SCE may change.
-        IA32_EFER => vmwrite(guest::IA32_EFER_FULL, value | 0x500).is_ok(),
-        IA32_FS_BASE => vmwrite(guest::FS_BASE, value).is_ok(),
-        IA32_GS_BASE => vmwrite(guest::GS_BASE, value).is_ok(),
-        IA32_KERNEL_GS_BASE => {
-            vm.kernel_gs_base = value;
-            true
+    let msr = vm.vcpu.regs.rcx as u32;
+    let value = (vm.vcpu.regs.rdx << 32) | (vm.vcpu.regs.rax & 0xffff_ffff);
+    let field = match msr {
+        IA32_TSC => {
+            vmset(control::TSC_OFFSET_FULL, value.wrapping_sub(crate::vcpu::rdtsc()));
+            return skip_instruction(vm);
         }
-        _ => false,
+        IA32_EFER => {
+            // SCE and NXE are shown by CPUID (0x8000_0001:EDX), LME/LMA
+            // are checked against paging (SDM Vol. 3A 2.2.1).
+            let Ok(efer) = check_efer_write(&super::cr_access::cr_state(), value, true, true) else {
+                return inject_gp();
+            };
+            vmset(guest::IA32_EFER_FULL, efer);
+            return skip_instruction(vm);
+        }
+        IA32_SYSENTER_CS => guest::IA32_SYSENTER_CS,
+        IA32_SYSENTER_ESP | IA32_SYSENTER_EIP | IA32_FS_BASE | IA32_GS_BASE if !canonical(value) => return inject_gp(),
+        IA32_SYSENTER_ESP => guest::IA32_SYSENTER_ESP,
+        IA32_SYSENTER_EIP => guest::IA32_SYSENTER_EIP,
+        IA32_FS_BASE => guest::FS_BASE,
+        IA32_GS_BASE => guest::GS_BASE,
+        IA32_PAT if !valid_pat(value) => return inject_gp(),
+        IA32_PAT => guest::IA32_PAT_FULL,
+        _ => return unknown(vm, "WRMSR", msr),
     };
-    if !ok {
-        return unknown(vm, "WRMSR", msr);
-    }
-    skip_instruction();
-    Next::Resume
+    vmset(field, value);
+    skip_instruction(vm)
+}
+
+/// A 48-bit canonical address (bits 63:47 all equal).
+fn canonical(v: u64) -> bool {
+    ((v as i64) << 16 >> 16) as u64 == v
+}
+
+/// Every PAT entry a memory type: UC 0, WC 1, WT 4, WP 5, WB 6, UC- 7
+/// (2 and 3 are reserved: #GP, SDM Vol. 3A 13.12.2).
+fn valid_pat(v: u64) -> bool {
+    v.to_le_bytes().iter().all(|&t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7))
 }
 
 fn unknown(vm: &mut Vm, what: &str, msr: u32) -> Next {
-    log::info!("{}: {} of unknown MSR {:#x}: injecting #GP", vm.name, what, msr);
-    inject_exception(vm, 13, Some(0))
+    guest_log!(vm, info, "{}: {} of unknown MSR {:#x}: injecting #GP", vm.name, what, msr);
+    inject_gp()
 }

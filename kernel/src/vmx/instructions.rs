@@ -1,7 +1,9 @@
-//! The VMX instructions the x86 crate lacks (INVEPT, INVVPID), and the
-//! guest entry/exit path, which must save and restore the guest's
-//! general-purpose registers around VMLAUNCH/VMRESUME (the CPU keeps only
-//! RSP and RIP in the VMCS).
+//! The VMX instructions the x86 crate lacks (INVEPT, INVVPID), each with
+//! its VMfail checked, and the guest entry/exit path, which must save and
+//! restore the guest's general-purpose registers and CR2 around
+//! VMLAUNCH/VMRESUME (the VMCS holds only RSP and RIP of them; SDM Vol. 3C
+//! 28.3 "Saving guest state" lists what a VM exit saves, and CR2 is not
+//! in it).
 
 use core::arch::{asm, global_asm};
 
@@ -25,6 +27,9 @@ pub struct GuestRegs {
     pub r13: u64,
     pub r14: u64,
     pub r15: u64,
+    /// CR2: no VMCS field switches it, so the entry path loads it and the
+    /// exit path saves it (as KVM's __vmx_vcpu_run does).
+    pub cr2: u64,
 }
 
 // hv_vmx_run(regs: *mut GuestRegs, launched: u64) -> u64
@@ -43,6 +48,8 @@ global_asm!(
     "mov rax, 0x6C16",     // HOST_RIP
     "lea rbx, [rip + hv_vmx_exit]",
     "vmwrite rax, rbx",
+    "mov rax, [rdi + 120]", // the guest's CR2
+    "mov cr2, rax",
     "mov rax, [rdi + 0]",
     "mov rbx, [rdi + 8]",
     "mov rcx, [rdi + 16]",
@@ -88,6 +95,8 @@ global_asm!(
     "mov [rdi + 112], r15",
     "pop rax",
     "mov [rdi + 40], rax",
+    "mov rax, cr2",
+    "mov [rdi + 120], rax",
     "add rsp, 16",
     "xor eax, eax",
     "4:",
@@ -111,21 +120,36 @@ pub unsafe fn run(regs: &mut GuestRegs, launched: bool) -> Result<(), ()> {
     }
 }
 
-/// INVEPT single-context (type 1) for `eptp` (SDM Vol. 3C 30.3, INVEPT).
-pub fn invept_single(eptp: u64) {
+pub use hvcore::vmx::Invalidation as InvType;
+
+/// INVEPT of `eptp` (ignored for all-context). A VMfail means the
+/// hypervisor asked for a flush the CPU cannot do: stale translations
+/// would stay, so the run stops here (SDM Vol. 3C 31.2: VMfailInvalid sets
+/// CF, VMfailValid sets ZF).
+pub fn invept(kind: InvType, eptp: u64) {
     let descriptor: [u64; 2] = [eptp, 0];
-    // SAFETY: runs in VMX root operation on a valid EPTP.
-    unsafe { asm!("invept {}, [{}]", in(reg) 1u64, in(reg) &descriptor, options(nostack)) };
+    let ok: u8;
+    // SAFETY: VMX root operation; the descriptor is 16 readable bytes.
+    unsafe {
+        asm!("invept {t}, [{d}]", "seta {ok}", t = in(reg) kind as u64, d = in(reg) &descriptor,
+             ok = out(reg_byte) ok, options(nostack))
+    };
+    if ok == 0 {
+        panic!("INVEPT {kind:?} of EPTP {eptp:#x} failed (VMfail): guest TLBs may be stale");
+    }
 }
 
-/// INVEPT all-context (type 2).
-pub fn invept_all() {
-    let descriptor: [u64; 2] = [0, 0];
-    unsafe { asm!("invept {}, [{}]", in(reg) 2u64, in(reg) &descriptor, options(nostack)) };
-}
-
-/// INVVPID single-context (type 1) for `vpid` (SDM Vol. 3C 30.3, INVVPID).
-pub fn invvpid_single(vpid: u16) {
+/// INVVPID of `vpid` (ignored for all-context), VMfail checked as for
+/// [`invept`].
+pub fn invvpid(kind: InvType, vpid: u16) {
     let descriptor: [u64; 2] = [vpid as u64, 0];
-    unsafe { asm!("invvpid {}, [{}]", in(reg) 1u64, in(reg) &descriptor, options(nostack)) };
+    let ok: u8;
+    // SAFETY: as for `invept`.
+    unsafe {
+        asm!("invvpid {t}, [{d}]", "seta {ok}", t = in(reg) kind as u64, d = in(reg) &descriptor,
+             ok = out(reg_byte) ok, options(nostack))
+    };
+    if ok == 0 {
+        panic!("INVVPID {kind:?} of VPID {vpid} failed (VMfail): guest TLBs may be stale");
+    }
 }

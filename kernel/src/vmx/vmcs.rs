@@ -28,9 +28,27 @@ pub fn write(field: u32, value: u64) -> Result<(), FieldError> {
     unsafe { vmx::vmwrite(field, value) }.map_err(|_| FieldError(field))
 }
 
+/// VMWRITE in an exit handler: the field exists and the VMCS is current,
+/// so a VMfail is a hypervisor bug and stops the run with its reason.
+pub fn set(field: u32, value: u64) {
+    if write(field, value).is_err() {
+        panic!("VMWRITE of field {field:#x} failed (VM-instruction error {})", vm_instruction_error());
+    }
+}
+
+/// VMREAD; a VMfail (no such field, no current VMCS) is a hypervisor bug
+/// and stops the run with its reason.
 pub fn read(field: u32) -> u64 {
-    // SAFETY: as for `write`; a failed read (no such field) reads as 0.
-    unsafe { vmx::vmread(field) }.unwrap_or(0)
+    // SAFETY: as for `write`.
+    match unsafe { vmx::vmread(field) } {
+        Ok(v) => v,
+        Err(_) => panic!("VMREAD of field {field:#x} failed"),
+    }
+}
+
+fn vm_instruction_error() -> u64 {
+    // SAFETY: as for `write`.
+    unsafe { vmx::vmread(x86::vmx::vmcs::ro::VM_INSTRUCTION_ERROR) }.unwrap_or(0)
 }
 
 /// The VMX-preemption timer value of one time slice.
@@ -39,8 +57,8 @@ pub const SLICE: u64 = 20_000;
 impl Vmcs {
     pub fn new(revision: u32) -> Vmcs {
         let vmcs = Vmcs { region: Page::with_revision(revision) };
-        // SAFETY: a fresh region; VMCLEAR puts it in the clear state.
-        let _ = unsafe { vmx::vmclear(vmcs.region.phys()) };
+        // A fresh region; VMCLEAR puts it in the clear state.
+        vmcs.clear();
         vmcs
     }
 
@@ -50,8 +68,23 @@ impl Vmcs {
         unsafe { vmx::vmptrld(self.region.phys()) }.expect("VMPTRLD of our own VMCS failed");
     }
 
+    /// VMCLEAR: the CPU writes any VMCS data it caches back to the region
+    /// and, if it was current, there is no current VMCS any more (SDM Vol.
+    /// 3C 25.11.3). Required before the region's memory is used for
+    /// anything else.
     pub fn clear(&self) {
-        let _ = unsafe { vmx::vmclear(self.region.phys()) };
+        // SAFETY: a VMCS region of ours, page aligned, not the VMXON region.
+        if unsafe { vmx::vmclear(self.region.phys()) }.is_err() {
+            panic!("VMCLEAR of our own VMCS at {:#x} failed", self.region.phys());
+        }
+    }
+}
+
+impl Drop for Vmcs {
+    /// The region goes back to the heap only after VMCLEAR, so the CPU can
+    /// never write a cached VMCS into memory that is someone else's.
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -61,6 +94,28 @@ pub struct Setup<'a> {
     pub eptp: u64,
     pub vpid: Option<u16>,
     pub msr_bitmap: u64,
+    /// The vCPU's virtual-APIC page (TPR shadow).
+    pub vapic: u64,
+    /// CR4 bits the guest may set ([`hvcore::control_regs::cr4_allowed`]
+    /// of the CPU it is shown, within what VMX allows).
+    pub cr4_allowed: u64,
+}
+
+/// Exceptions that always exit, whatever the guest's IDT says: #DB (1)
+/// and #AC (17). A guest can make the delivery of either raise the same
+/// exception again, and the CPU would then loop inside one delivery
+/// without an instruction boundary for the preemption timer (XSA-156,
+/// CVE-2015-8104 and CVE-2015-5307); as exits they are reflected one at a
+/// time (`exits::exception`).
+pub const EXCEPTION_BITMAP: u64 = (1 << 1) | (1 << 17);
+
+/// The secondary controls this CPU allows and the guest can use:
+/// RDTSCP/RDPID, INVPCID (their CPUID bits are shown only with these on)
+/// and WBINVD exiting (a guest's WBINVD would flush the caches the other
+/// VMs use; it is a no-op for a VM's coherent memory).
+pub fn optional_secondary(caps: &VmxCaps) -> SecondaryControls {
+    let may = SecondaryControls::from_bits_truncate((caps.procbased2 >> 32) as u32);
+    may & (SecondaryControls::ENABLE_RDTSCP | SecondaryControls::ENABLE_INVPCID | SecondaryControls::WBINVD_EXITING)
 }
 
 /// Fills the current VMCS: controls, host state, guest state.
@@ -79,42 +134,65 @@ fn controls(s: &Setup<'_>) -> Result<(), String> {
         write(f, v as u64).map_err(field)
     };
 
-    let pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::VMX_PREEMPTION_TIMER;
+    // NMIs exit: the host's NMI never reaches a guest's IDT.
+    let pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING
+        | PinbasedControls::NMI_EXITING
+        | PinbasedControls::VMX_PREEMPTION_TIMER;
     set(control::PINBASED_EXEC_CONTROLS, "pin-based", c.pinbased, pin.bits())?;
 
+    // MONITOR/MWAIT exit (a guest's MWAIT could put the CPU into a deep
+    // C-state with no wake-up for us); RDPMC exits (the host's counters
+    // are not the guest's to read); the TPR shadow keeps CR8 in the VM.
     let primary = PrimaryControls::HLT_EXITING
         | PrimaryControls::UNCOND_IO_EXITING
         | PrimaryControls::USE_MSR_BITMAPS
-        | PrimaryControls::SECONDARY_CONTROLS;
+        | PrimaryControls::SECONDARY_CONTROLS
+        | PrimaryControls::USE_TPR_SHADOW
+        | PrimaryControls::USE_TSC_OFFSETTING
+        | PrimaryControls::MWAIT_EXITING
+        | PrimaryControls::MONITOR_EXITING
+        | PrimaryControls::RDPMC_EXITING;
     set(control::PRIMARY_PROCBASED_EXEC_CONTROLS, "primary processor-based", c.procbased, primary.bits())?;
 
-    let mut secondary = SecondaryControls::ENABLE_EPT;
+    let mut secondary = SecondaryControls::ENABLE_EPT | optional_secondary(c);
     if s.vpid.is_some() {
         secondary |= SecondaryControls::ENABLE_VPID;
     }
     set(control::SECONDARY_PROCBASED_EXEC_CONTROLS, "secondary", c.procbased2, secondary.bits())?;
 
     // Keep the preemption timer's remaining count across exits when the
-    // CPU can, so a VM that exits often still gets a fair slice.
+    // CPU can (the slice is bounded in host time either way). DR7,
+    // DEBUGCTL and PAT are the guest's own: saved on exit, loaded on entry.
     let mut exit = ExitControls::HOST_ADDRESS_SPACE_SIZE
         | ExitControls::ACK_INTERRUPT_ON_EXIT
+        | ExitControls::SAVE_DEBUG_CONTROLS
+        | ExitControls::SAVE_IA32_PAT
+        | ExitControls::LOAD_IA32_PAT
         | ExitControls::SAVE_IA32_EFER
         | ExitControls::LOAD_IA32_EFER;
     if (c.exit >> 32) as u32 & ExitControls::SAVE_VMX_PREEMPTION_TIMER.bits() != 0 {
         exit |= ExitControls::SAVE_VMX_PREEMPTION_TIMER;
     }
     set(control::VMEXIT_CONTROLS, "VM-exit", c.exit, exit.bits())?;
-    let entry = EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER;
+    let entry = EntryControls::IA32E_MODE_GUEST
+        | EntryControls::LOAD_DEBUG_CONTROLS
+        | EntryControls::LOAD_IA32_PAT
+        | EntryControls::LOAD_IA32_EFER;
     set(control::VMENTRY_CONTROLS, "VM-entry", c.entry, entry.bits())?;
 
     let mut fields = [
-        (control::EXCEPTION_BITMAP, 0),
+        (control::EXCEPTION_BITMAP, EXCEPTION_BITMAP),
         (control::MSR_BITMAPS_ADDR_FULL, s.msr_bitmap),
         (control::EPTP_FULL, s.eptp),
+        (control::VIRT_APIC_ADDR_FULL, s.vapic),
+        (control::TPR_THRESHOLD, 0),
+        (control::TSC_OFFSET_FULL, 0),
         // CR0/CR4 bits VMX fixes are owned by the host: the guest reads its
         // own values from the shadows and a write that changes them exits.
+        // So is every CR4 bit the guest may not set, so that such a write
+        // exits and gets its #GP (`exits::cr_access`).
         (control::CR0_GUEST_HOST_MASK, c.cr0_fixed.0 | !c.cr0_fixed.1),
-        (control::CR4_GUEST_HOST_MASK, c.cr4_fixed.0 | !c.cr4_fixed.1),
+        (control::CR4_GUEST_HOST_MASK, cr4_mask(c, s.cr4_allowed)),
         (control::CR0_READ_SHADOW, s.boot.cr0),
         (control::CR4_READ_SHADOW, s.boot.cr4),
         (control::CR3_TARGET_COUNT, 0),
@@ -125,6 +203,15 @@ fn controls(s: &Setup<'_>) -> Result<(), String> {
     }
     fields.into_iter().try_for_each(|(f, v)| write(f, v).map_err(field))
 }
+
+/// The CR4 bits the host owns: those VMX fixes and those the guest may
+/// not set.
+pub fn cr4_mask(c: &VmxCaps, allowed: u64) -> u64 {
+    c.cr4_fixed.0 | !c.cr4_fixed.1 | !allowed
+}
+
+/// IA32_PAT after reset (SDM Vol. 3A 13.12.4): WB, WT, UC-, UC, twice.
+pub const PAT_RESET: u64 = 0x0007_0406_0007_0406;
 
 fn host_state() -> Result<(), FieldError> {
     use x86_64::registers::control::{Cr0, Cr3, Cr4};
@@ -148,7 +235,9 @@ fn host_state() -> Result<(), FieldError> {
     write(host::IA32_SYSENTER_CS, 0)?;
     write(host::IA32_SYSENTER_ESP, 0)?;
     write(host::IA32_SYSENTER_EIP, 0)?;
-    write(host::IA32_EFER_FULL, Efer::read_raw())
+    write(host::IA32_EFER_FULL, Efer::read_raw())?;
+    // SAFETY: IA32_PAT exists on every CPU with VMX's PAT controls.
+    write(host::IA32_PAT_FULL, unsafe { x86::msr::rdmsr(x86::msr::IA32_PAT) })
 }
 
 /// The "unusable" bit of a segment's access rights (SDM Vol. 3C 25.4.1),
@@ -199,6 +288,7 @@ fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
     write(guest::IA32_SYSENTER_ESP, 0)?;
     write(guest::IA32_SYSENTER_EIP, 0)?;
     write(guest::IA32_DEBUGCTL_FULL, 0)?;
+    write(guest::IA32_PAT_FULL, PAT_RESET)?;
     write(guest::INTERRUPTIBILITY_STATE, 0)?;
     write(guest::ACTIVITY_STATE, 0)?;
     write(guest::PENDING_DBG_EXCEPTIONS, 0)?;

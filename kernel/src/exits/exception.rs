@@ -1,0 +1,62 @@
+//! Exceptions that exit (`vmx::vmcs::EXCEPTION_BITMAP`: #DB and #AC) and
+//! NMIs. #DB and #AC are reflected into the guest one at a time, which is
+//! the point of intercepting them: a delivery that raises the same
+//! exception again is a series of exits, not a CPU stuck in microcode
+//! (XSA-156). One that repeats without end is stopped by name.
+
+use super::{inject, Next};
+use crate::vm::{Cause, Vm};
+use crate::vmx::vmcs::{read, set};
+use hvcore::vmx::event::{self, kind, Event};
+use x86::vmx::vmcs::{control, guest, ro};
+
+pub const DB: u8 = 1;
+pub const AC: u8 = 17;
+
+pub fn handle(vm: &mut Vm) -> Next {
+    let Some(e) = Event::decode(read(ro::VMEXIT_INTERRUPTION_INFO) as u32) else {
+        vm.stop(Cause::Unhandled("exception exit without exit interruption information".into()));
+        return Next::Ended;
+    };
+    if e.kind == kind::NMI {
+        // The host's NMI (NMI exiting): nothing of the guest's.
+        log::debug!("{}: NMI while the guest ran", vm.name);
+        return Next::Resume;
+    }
+    let (rip, rsp) = (read(guest::RIP), read(guest::RSP));
+    if vm.exception_loop.exception(e.vector, rip, rsp) {
+        let rounds = vm.exception_loop.rounds();
+        vm.stop(Cause::ExceptionLoop { vector: e.vector, rip, rounds });
+        return Next::Ended;
+    }
+    match e.vector {
+        DB => {
+            let qual = read(ro::EXIT_QUALIFICATION);
+            // The guest's DR6 is live in the CPU during its slice.
+            crate::vcpu::write_dr6(event::dr6_for_db(crate::vcpu::read_dr6(), qual));
+            if qual & event::DR6_BD != 0 {
+                // General detect: the CPU clears DR7.GD as it delivers.
+                set(guest::DR7, read(guest::DR7) & !event::DR7_GD);
+            }
+        }
+        AC => {}
+        v => {
+            vm.stop(Cause::Unhandled(alloc::format!("exception {v} exited, but only #DB and #AC are intercepted")));
+            return Next::Ended;
+        }
+    }
+    if read(ro::IDT_VECTORING_INFO) as u32 & event::VALID != 0 && e.vector == DB {
+        // The #DB came up while another event was being delivered, which
+        // `reinject_interrupted_event` queued again: the #DB waits as a
+        // pending debug exception and follows that delivery (SDM 27.7.3).
+        let pending = read(guest::PENDING_DBG_EXCEPTIONS) | (read(ro::EXIT_QUALIFICATION) & 0x600f);
+        set(guest::PENDING_DBG_EXCEPTIONS, pending);
+        return Next::Resume;
+    }
+    if e.needs_instruction_length() {
+        // ICEBP: the pushed RIP points after the instruction.
+        set(control::VMENTRY_INSTRUCTION_LEN, read(ro::VMEXIT_INSTRUCTION_LEN));
+    }
+    let code = if e.error_code { read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32 } else { 0 };
+    inject(e, code)
+}
