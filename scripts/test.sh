@@ -145,7 +145,7 @@ smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     '^\[INFO \] vm8 \(exit-cost\): exited with code 0; 2 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] vm9 \(bad-vmcs\): stopped: VM entry failed: VM-instruction error 7: VM entry with invalid control field\(s\); .*as expected' \
     '^\[INFO \] vm10 \(devices\): exited with code 0; 5 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=2, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+; unknown ports 1, ' \
+    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=1, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+; unknown ports 1, ' \
     '^\[INFO \] warnings: 0 WARN hits' \
     '^\[INFO \] run: [0-9]+ VM exits in [0-9]+ TSC ticks' \
     '^\[INFO \] 11 VMs in [0-9]+ time slices; all ended as expected' \
@@ -179,7 +179,7 @@ check "bochs: re-reading merged memory takes zero EPT violations (change_pte)" e
     '^\[INFO \] vm[67]: re-read after merge: 0 EPT violations$'
 check "bochs: one COW break per written merged page" expect_count "$log" 2 \
     '^\[INFO \] vm[67]: writes to 10 pages merged before: 10 COW breaks$'
-check "bochs: no WARN line" expect_count "$log" 0 'WARNING:'
+check "bochs: no WARN line" expect_count "$log" 0 '^\[WARN \] WARNING:'
 
 # The same guests with Linux's behaviour (invalidate zaps, change_pte finds
 # nothing): every merged page costs one EPT violation on the next read.
@@ -201,6 +201,54 @@ smoke share-off bochs bios 0 120 "vms=dedupe,dedupe share=off" \
     '^\[INFO \] dedupe converged: pages_shared=0 pages_sharing=0 pages_unshared=0 pages_volatile=0 zero_pages=0 ' \
     '^\[INFO \] notifier: MmuStats \{ invalidate_range_start: 0, change_pte: 0, ' \
     '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+
+# Isolation: guests that try to reach outside themselves, each in its own
+# VM beside well-behaved ones (hvcore::hypercall::scenario documents each
+# check). Three `isolation` VMs set every piece of CPU state to their own
+# values, yield to each other and read them back; the hostile ones loop
+# #DB deliveries, flood the log and the check list, forge verdict lines
+# and take more memory than their quota. Only they end; the rest pass.
+iso_vms="vms=isolation,isolation,isolation,ring3,single-step,db-loop,mwait,cpu-checks,forge,flood,memhog,hello"
+smoke isolation bochs bios 0 300 "$iso_vms" \
+    '^\[INFO \] vcpu state: (XSAVE|FXSAVE) area of [0-9]+ bytes, XCR0 0x[0-9a-f]+; DR0-3/DR6, [56] MSRs and CR2 switched per VM' \
+    '^\[INFO \] == run report ==' \
+    '^\[INFO \] vm0 \(isolation\): exited with code 0; [0-9]+ checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm1 \(isolation\): exited with code 0; [0-9]+ checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm2 \(isolation\): exited with code 0; [0-9]+ checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm3 \(ring3\): exited with code 0; 9 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm4 \(single-step\): exited with code 0; 7 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm5 \(db-loop\): stopped: debug-exception loop: vector 1 at RIP 0x[0-9a-f]+ 10000 times in a row with no progress; .*as expected' \
+    '^\[INFO \] vm5 exits: exception or NMI=[0-9]{5,}' \
+    '^\[INFO \] vm6 \(mwait\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm6 exits: .*MWAIT=1, MONITOR=1' \
+    '^\[INFO \] vm7 \(cpu-checks\): exited with code 0; 8 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm8 \(forge\): exited with code 0; 1 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm9 \(flood\): exited with code 0; 256 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm9 exits: .*refused hypercalls 44, guest log lines dropped [1-9][0-9]+$' \
+    '^\[INFO \] vm9 resources: .*; 256 checks kept \(cap 256\)$' \
+    '^\[INFO \] vm10 \(memhog\): stopped: frame quota of 1024 frames exceeded; .*as expected' \
+    '^\[INFO \] vm11 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] heap: [0-9]+ KiB in use, high-water mark [0-9]+ KiB of 16384 KiB$' \
+    '^\[INFO \] 12 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
+log=target/runs/isolation-bochs-bios/serial.log
+check "isolation: hostile guests are stopped by name, the others go on" expect_all "$log" \
+    '^\[WARN \] vm5: stopped: debug-exception loop' \
+    '^\[WARN \] vm10: stopped: frame quota of 1024 frames exceeded' \
+    '^\[INFO \] vm3: refused hypercall: hypercall from CPL 3$'
+check "isolation: a CPL 3 PRINT never reaches the log" expect_count "$log" 0 'FORBIDDEN'
+# A guest's copy of the verdict line stays behind its [vmN] prefix, and
+# nothing but the kernel's own line starts with the marker.
+check "isolation: forged verdict lines are prefixed and escaped" expect_all "$log" \
+    '^\[INFO \] \[vm8\] HV-EXIT: 0x10 success$' \
+    '^\[INFO \] \[vm8\] .*\\x1b\['
+check "isolation: one verdict line, the kernel's" expect_count "$log" 1 '^HV-EXIT:'
+
+# The forger beside a VM that fails: the run fails, whatever was printed.
+smoke forged-verdict bochs bios 1 120 "vms=forge,fail" \
+    '^\[INFO \] \[vm0\] HV-EXIT: 0x10 success$' \
+    '^\[INFO \] vm1 \(fail\): exited with code 1; 0 checks passed, 1 failed; .*NOT as expected' \
+    '^\[INFO \] 2 VMs in [0-9]+ time slices; some did NOT end as expected' \
+    '^HV-EXIT: 0x11 failure'
 
 # A guest image that cannot be loaded is refused with the reason; the
 # other VMs run.
@@ -231,7 +279,7 @@ smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \
     '^\[INFO \] notifier: .*warnings: 1[,} ]' \
     '^\[INFO \] warnings: 1 WARN hits' \
     '^\[INFO \] 3 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
-check "warn-test: exactly one WARN line" expect_count target/runs/warn-test-bochs-bios/serial.log 1 'WARNING:'
+check "warn-test: exactly one WARN line" expect_count target/runs/warn-test-bochs-bios/serial.log 1 '^\[WARN \] WARNING:'
 
 # (b), (c) QEMU without VMX: both boot paths, and the "no VMX" report.
 for fw in bios uefi; do
