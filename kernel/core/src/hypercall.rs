@@ -231,7 +231,9 @@ pub mod scenario {
     pub const DEDUPE: u8 = 5;
     /// Measures exits: the guest's TSC over 1000 NOP hypercalls (REPORT
     /// 60, detail: TSC ticks per round trip) and 1000 CPUIDs (REPORT 61,
-    /// detail: ticks per CPUID exit); EXIT 0. In Bochs a TSC tick is one
+    /// detail: ticks per CPUID exit), each the fastest of fifty rounds of
+    /// 20 (a round that a time slice boundary fell into also measures the
+    /// other VMs and the scan between slices); EXIT 0. In Bochs a TSC tick is one
     /// emulated instruction, so these are instructions per round trip.
     pub const EXIT_COST: u8 = 6;
     /// Not a guest behaviour: the hypervisor breaks this VM's VMCS (a
