@@ -166,7 +166,7 @@ impl Hypervisor {
     pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy, oom_test: bool) -> Hypervisor {
         // With EPT accessed/dirty flags (SDM Vol. 3C 29.3.5) the scanner sees
         // which pages the guest wrote instead of hashing every page again.
-        let track_dirty = vmx.caps.ept_vpid & hvcore::vmx::caps::ept_cap::ACCESSED_DIRTY != 0;
+        let track_dirty = vmx.caps.has_ept_accessed_dirty();
         let config = DedupeConfig { policy: sharing, track_dirty, ..DedupeConfig::default() };
         let pm = PageManager::new(*crate::memory::phys(), frames, config);
         let msr_bitmap = msr_bitmap();

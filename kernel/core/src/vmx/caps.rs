@@ -187,6 +187,11 @@ impl VmxCaps {
         allowed1(self.procbased2) & UNRESTRICTED_GUEST != 0
     }
 
+    /// EPT accessed and dirty flags (A.10 bit 21, used with EPTP bit 6).
+    pub fn has_ept_accessed_dirty(&self) -> bool {
+        self.ept_vpid & ept_cap::ACCESSED_DIRTY != 0
+    }
+
     pub fn has_ept_2m(&self) -> bool {
         self.ept_vpid & ept_cap::PAGE_2M != 0
     }
@@ -310,6 +315,49 @@ mod tests {
     }
 
     #[test]
+    fn true_controls_are_read_only_where_basic_bit_55_says_they_exist() {
+        let fake = |with_true: bool| {
+            move |m: u32| match m {
+                msr::BASIC => 0x2b | if with_true { 1 << 55 } else { 0 },
+                msr::TRUE_PINBASED => 0x11,
+                msr::PINBASED => 0x22,
+                msr::TRUE_PROCBASED | msr::PROCBASED => 0,
+                msr::TRUE_EXIT => 0x33,
+                msr::EXIT => 0x44,
+                msr::TRUE_ENTRY => 0x55,
+                msr::ENTRY => 0x66,
+                msr::PROCBASED2 | msr::EPT_VPID_CAP => panic!("no secondary controls: {m:#x} must not be read"),
+                _ => 0,
+            }
+        };
+        let t = VmxCaps::read(fake(true));
+        assert_eq!((t.pinbased, t.exit, t.entry), (0x11, 0x33, 0x55));
+        let p = VmxCaps::read(fake(false));
+        assert_eq!((p.pinbased, p.exit, p.entry), (0x22, 0x44, 0x66));
+        assert_eq!((p.procbased2, p.ept_vpid), (0, 0));
+    }
+
+    #[test]
+    fn feature_bits_are_the_sdms() {
+        let c = VmxCaps::read(skylake);
+        assert!(c.has_unrestricted_guest() && c.has_ept_accessed_dirty());
+        let no_ug = VmxCaps { procbased2: c.procbased2 & !((UNRESTRICTED_GUEST as u64) << 32), ..c };
+        assert!(!no_ug.has_unrestricted_guest());
+        let no_ad = VmxCaps { ept_vpid: c.ept_vpid & !(1 << 21), ..c };
+        assert!(!no_ad.has_ept_accessed_dirty());
+        // All-context INVEPT alone (bit 26) is enough.
+        let only_all = VmxCaps { ept_vpid: c.ept_vpid & !(1 << 25), ..c };
+        assert_eq!(only_all.check_required(), Ok(()));
+        // Bit 48: VMCS pointers limited to 32 bits.
+        let narrow = VmxCaps { basic: c.basic | 1 << 48, ..c };
+        assert_eq!(
+            narrow.check_required(),
+            Err(Missing("64-bit VMX physical addresses (IA32_VMX_BASIC bit 48 is set)"))
+        );
+        assert_eq!(alloc::format!("{}", Missing("EPT")), "the CPU lacks EPT");
+    }
+
+    #[test]
     fn controls_force_allowed0_and_refuse_what_allowed1_forbids() {
         let cap = 0x0000_00ff_0000_0016u64; // must: bits 1,2,4; may: bits 0-7
         assert_eq!(adjust_controls(cap, 0), Ok(0x16));
@@ -323,5 +371,6 @@ mod tests {
         assert_eq!(FeatureControl::decide(0x1), FeatureControl::DisabledInFirmware);
         assert_eq!(FeatureControl::decide(0x0), FeatureControl::Write(0x5));
         assert_eq!(FeatureControl::decide(0x2), FeatureControl::Write(0x7));
+        assert_eq!(FeatureControl::decide(0x4), FeatureControl::Write(0x5));
     }
 }
