@@ -145,7 +145,7 @@ smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     '^\[INFO \] vm8 \(exit-cost\): exited with code 0; 2 checks passed, 0 failed; .*as expected' \
     '^\[INFO \] vm9 \(bad-vmcs\): stopped: VM entry failed: VM-instruction error 7: VM entry with invalid control field\(s\); .*as expected' \
     '^\[INFO \] vm10 \(devices\): exited with code 0; 5 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=1, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+; unknown ports 1, ' \
+    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=1, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+(, VMX-preemption timer expired=[0-9]+)?; unknown ports 1, ' \
     '^\[INFO \] warnings: 0 WARN hits' \
     '^\[INFO \] run: [0-9]+ VM exits in [0-9]+ TSC ticks' \
     '^\[INFO \] 11 VMs in [0-9]+ time slices; all ended as expected' \
@@ -208,7 +208,7 @@ smoke share-off bochs bios 0 120 "vms=dedupe,dedupe share=off" \
 # values, yield to each other and read them back; the hostile ones loop
 # #DB deliveries, flood the log and the check list, forge verdict lines
 # and take more memory than their quota. Only they end; the rest pass.
-iso_vms="vms=isolation,isolation,isolation,ring3,single-step,db-loop,mwait,cpu-checks,forge,flood,memhog,hello"
+iso_vms="vms=isolation,isolation,isolation,ring3,single-step,db-loop,mwait,cpu-checks,forge,flood,memhog,hello:2048"
 smoke isolation bochs bios 0 300 "$iso_vms" \
     '^\[INFO \] vcpu state: (XSAVE|FXSAVE) area of [0-9]+ bytes, XCR0 0x[0-9a-f]+; DR0-3/DR6, [56] MSRs and CR2 switched per VM' \
     '^\[INFO \] == run report ==' \
@@ -228,6 +228,7 @@ smoke isolation bochs bios 0 300 "$iso_vms" \
     '^\[INFO \] vm9 resources: .*; 256 checks kept \(cap 256\)$' \
     '^\[INFO \] vm10 \(memhog\): stopped: frame quota of 1024 frames exceeded; .*as expected' \
     '^\[INFO \] vm11 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm11 resources: .* host frames held \(peak [0-9]+, quota 2048\)' \
     '^\[INFO \] heap: [0-9]+ KiB in use, high-water mark [0-9]+ KiB of 16384 KiB$' \
     '^\[INFO \] 12 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 log=target/runs/isolation-bochs-bios/serial.log

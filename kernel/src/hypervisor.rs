@@ -188,13 +188,15 @@ impl Hypervisor {
     /// Creates a VM running `guest_elf` in scenario `scn`. A guest that
     /// cannot be set up is refused with the reason, and its memory goes
     /// back: nothing else changes.
-    pub fn create_vm(&mut self, guest_elf: &[u8], scn: u8) -> Result<(), String> {
+    /// `frame_quota`: the host frames it may hold (else the memhog
+    /// scenario's small one, else the page manager's default).
+    pub fn create_vm(&mut self, guest_elf: &[u8], scn: u8, frame_quota: Option<usize>) -> Result<(), String> {
         let index = self.vms.len();
         let name = format!("vm{index}");
         let eptp_cell = Arc::new(AtomicU64::new(0));
         let mut config = VmConfig { mode: self.mode, ..VmConfig::default() };
-        if scn == scenario::MEMHOG {
-            config.frame_quota = MEMHOG_QUOTA;
+        if let Some(q) = frame_quota.or((scn == scenario::MEMHOG).then_some(MEMHOG_QUOTA)) {
+            config.frame_quota = q;
         }
         let flush = InveptFlush { eptp: eptp_cell.clone(), kind: self.host.caps.invept_type() };
         let id = self

@@ -29,7 +29,7 @@ use hvcore::bundle::Bundle;
 use hvcore::exit::ExitCode;
 use hvcore::hypercall::scenario;
 use hvcore::mmu_notifier::NotifierMode;
-use hvcore::options::Options;
+use hvcore::options::{Options, VmSpec};
 
 pub static BOOTLOADER_CONFIG: BootloaderConfig = {
     let mut config = BootloaderConfig::new_default();
@@ -107,11 +107,12 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
     };
     let mode = if options.linux_zap { NotifierMode::LinuxZap } else { NotifierMode::ChangePte };
     let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share, options.oom_test);
-    let default = [scenario::HELLO, scenario::HELLO, scenario::DEDUPE, scenario::DEDUPE];
+    let default = [scenario::HELLO, scenario::HELLO, scenario::DEDUPE, scenario::DEDUPE].map(VmSpec::new);
     let wanted = options.vms.as_deref().unwrap_or(&default);
     let mut refused = 0;
-    for &scn in wanted {
-        if let Err(e) = hv.create_vm(elf, scn) {
+    for spec in wanted {
+        let quota = spec.frame_quota.or(options.frame_quota);
+        if let Err(e) = hv.create_vm(elf, spec.scenario, quota) {
             log::error!("{e}");
             refused += 1;
         }
@@ -119,7 +120,7 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
     if options.bad_image_test {
         // The first 100 bytes of the ELF: a header whose program headers
         // lie beyond the image.
-        match hv.create_vm(&elf[..elf.len().min(100)], scenario::HELLO) {
+        match hv.create_vm(&elf[..elf.len().min(100)], scenario::HELLO, None) {
             Err(e) => log::info!("bad-image-test: {e}"),
             Ok(()) => {
                 log::error!("bad-image-test: a truncated guest image was accepted");

@@ -31,8 +31,12 @@ pub struct Options {
     /// is stopped.
     pub oom_test: bool,
     /// `vms=hello,hello,wild-access`: one VM per name, each running the
-    /// guest program in that scenario (`hvcore::hypercall::scenario`).
-    pub vms: Option<Vec<u8>>,
+    /// guest program in that scenario (`hvcore::hypercall::scenario`);
+    /// `name:N` gives that VM a frame quota of N host frames.
+    pub vms: Option<Vec<VmSpec>>,
+    /// `frame-quota=N`: the frame quota of every VM that `vms=` gives
+    /// none (default: `page_manager::DEFAULT_FRAME_QUOTA`).
+    pub frame_quota: Option<usize>,
     /// `notifier=linux-zap`: invalidations zap EPT entries and `change_pte`
     /// finds nothing to change, as in Linux before 2024 (for comparison);
     /// the default `change-pte` write-protects and installs the new frame.
@@ -42,9 +46,23 @@ pub struct Options {
     pub share: SharingPolicy,
 }
 
+/// One VM of `vms=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    pub scenario: u8,
+    /// Host frames it may hold, if set for it.
+    pub frame_quota: Option<usize>,
+}
+
+impl VmSpec {
+    pub fn new(scenario: u8) -> VmSpec {
+        VmSpec { scenario, frame_quota: None }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
-        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, bad_image_test: false, oom_test: false, vms: None, linux_zap: false, share: SharingPolicy::AllVms }
+        Options { log: None, fault_test: false, warn_test: false, hang_test: false, panic_test: false, bad_image_test: false, oom_test: false, vms: None, frame_quota: None, linux_zap: false, share: SharingPolicy::AllVms }
     }
 }
 
@@ -96,14 +114,27 @@ impl Options {
                     }
                 }
                 "vms" => {
-                    let names = value.split(',').map(|n| crate::hypercall::scenario::from_name(n).ok_or_else(bad));
-                    o.vms = Some(names.collect::<Result<Vec<u8>, _>>()?);
+                    let spec = |item: &str| {
+                        let (name, quota) = match item.split_once(':') {
+                            Some((name, n)) => (name, Some(quota(n).ok_or_else(bad)?)),
+                            None => (item, None),
+                        };
+                        let scenario = crate::hypercall::scenario::from_name(name).ok_or_else(bad)?;
+                        Ok(VmSpec { scenario, frame_quota: quota })
+                    };
+                    o.vms = Some(value.split(',').map(spec).collect::<Result<Vec<VmSpec>, _>>()?);
                 }
+                "frame-quota" => o.frame_quota = Some(quota(value).ok_or_else(bad)?),
                 _ => return Err(OptionError::UnknownKey(key.to_string())),
             }
         }
         Ok(o)
     }
+}
+
+/// A frame quota: a whole number of frames, at least 1.
+fn quota(v: &str) -> Option<usize> {
+    v.parse().ok().filter(|&n| n > 0)
 }
 
 fn flag(v: &str) -> Option<bool> {
@@ -128,7 +159,11 @@ mod tests {
         assert_eq!(Options::parse("").unwrap(), Options::default());
         let o = Options::parse("vms=hello,wild-access,hello").unwrap();
         use crate::hypercall::scenario::{HELLO, WILD_ACCESS};
-        assert_eq!(o.vms, Some(vec![HELLO, WILD_ACCESS, HELLO]));
+        assert_eq!(o.vms, Some(vec![VmSpec::new(HELLO), VmSpec::new(WILD_ACCESS), VmSpec::new(HELLO)]));
+        let o = Options::parse("vms=hello:512,hello frame-quota=2048").unwrap();
+        assert_eq!(o.vms, Some(vec![VmSpec { scenario: HELLO, frame_quota: Some(512) }, VmSpec::new(HELLO)]));
+        assert_eq!(o.frame_quota, Some(2048));
+        assert_eq!(Options::default().frame_quota, None);
         assert!(Options::parse("notifier=linux-zap").unwrap().linux_zap);
         assert!(!Options::parse("notifier=change-pte").unwrap().linux_zap);
         assert!(Options::parse("notifier=other").is_err());
@@ -150,6 +185,10 @@ mod tests {
             Err(OptionError::BadValue { key: "vms".into(), value: "hello,nosuch".into() })
         );
         assert_eq!(Options::parse("fault-test"), Err(OptionError::NotKeyValue("fault-test".into())));
+        for bad in ["vms=hello:0", "vms=hello:x", "vms=hello:", "frame-quota=0", "frame-quota=-1"] {
+            let (key, value) = bad.split_once('=').unwrap();
+            assert_eq!(Options::parse(bad), Err(OptionError::BadValue { key: key.into(), value: value.into() }), "{bad}");
+        }
         assert_eq!(
             Options::parse("warn-test=2").unwrap_err().to_string(),
             "bad value '2' for boot option 'warn-test'"

@@ -355,6 +355,11 @@ mod tests {
             Err(Missing("64-bit VMX physical addresses (IA32_VMX_BASIC bit 48 is set)"))
         );
         assert_eq!(alloc::format!("{}", Missing("EPT")), "the CPU lacks EPT");
+        // MISC bits 4:0: the timer's rate; FIXED1 clears what must be 0.
+        assert_eq!(VmxCaps { misc: 0x6004_01e5, ..c }.preemption_timer_rate(), 5);
+        let strict = VmxCaps { cr0_fixed: (0x21, 0xffff_00ff), cr4_fixed: (0x2000, 0x00ff), ..c };
+        assert_eq!(strict.fix_cr0(0x1_0000_0100), 0x21);
+        assert_eq!(strict.fix_cr4(0x1_0000_0120), 0x20);
     }
 
     #[test]
