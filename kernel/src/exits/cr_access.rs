@@ -9,7 +9,7 @@ use super::{inject_gp, skip_instruction, Next};
 use crate::hypervisor::Host;
 use crate::vm::{Cause, Vm};
 use crate::vmx::vmcs::{read, set};
-use hvcore::control_regs::{check_cr0_write, check_cr4_write, CrState, CR0_PE, CR0_PG};
+use hvcore::control_regs::{check_cr0_write, check_cr4_write, cr0_value, mov_cr_operand, CrState, CR0_PE, CR0_PG};
 use x86::vmx::vmcs::{control, guest, ro};
 
 pub fn handle(vm: &mut Vm, host: &Host) -> Next {
@@ -19,14 +19,16 @@ pub fn handle(vm: &mut Vm, host: &Host) -> Next {
         vm.stop(Cause::Unhandled(alloc::format!("control-register access type {access} to CR{cr} is not emulated")));
         return Next::Ended;
     }
-    let value = gpr_value(vm, gpr);
     let state = cr_state();
+    let value = mov_cr_operand(&state, gpr_value(vm, gpr));
     let caps = &host.caps;
     match cr {
         0 => {
             if check_cr0_write(&state, value).is_err() {
                 return inject_gp();
             }
+            // Bits CR0 does not have are ignored, ET reads 1.
+            let value = cr0_value(value);
             // Without "unrestricted guest" the real CR0 keeps PE and PG.
             if value & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
                 vm.stop(Cause::Unhandled("the guest turned off paging or protection (needs unrestricted guest)".into()));

@@ -54,7 +54,7 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
         reason::VMCALL => vmcall::handle(vm, host),
         reason::IO_INSTRUCTION => io::handle(vm),
         reason::RDMSR => msr::read(vm),
-        reason::WRMSR => msr::write(vm),
+        reason::WRMSR => msr::write(vm, host),
         reason::CR_ACCESS => cr_access::handle(vm, host),
         reason::XSETBV => xsetbv::handle(vm, host),
         reason::EPT_VIOLATION => ept_violation::handle(vm, host),

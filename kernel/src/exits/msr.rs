@@ -4,6 +4,7 @@
 //! an MSR it does not have.
 
 use super::{inject_gp, skip_instruction, Next};
+use crate::hypervisor::Host;
 use crate::vm::Vm;
 use crate::vmx::vmcs::{read as vmread, set as vmset};
 use hvcore::control_regs::check_efer_write;
@@ -41,7 +42,7 @@ pub fn read(vm: &mut Vm) -> Next {
     skip_instruction(vm)
 }
 
-pub fn write(vm: &mut Vm) -> Next {
+pub fn write(vm: &mut Vm, host: &Host) -> Next {
     let msr = vm.vcpu.regs.rcx as u32;
     let value = (vm.vcpu.regs.rdx << 32) | (vm.vcpu.regs.rax & 0xffff_ffff);
     let field = match msr {
@@ -50,9 +51,11 @@ pub fn write(vm: &mut Vm) -> Next {
             return skip_instruction(vm);
         }
         IA32_EFER => {
-            // SCE and NXE are shown by CPUID (0x8000_0001:EDX), LME/LMA
-            // are checked against paging (SDM Vol. 3A 2.2.1).
-            let Ok(efer) = check_efer_write(&super::cr_access::cr_state(), value, true, true) else {
+            // SCE and NXE only where CPUID shows them (0x8000_0001:EDX bits
+            // 11, 20); LME/LMA are checked against paging (SDM Vol. 3A 2.2.1).
+            let shown = hvcore::cpuid::guest_cpuid(0x8000_0001, 0, &crate::vcpu::host_cpuid, &host.guest_view(0));
+            let (syscall, nx) = (shown.edx & (1 << 11) != 0, shown.edx & (1 << 20) != 0);
+            let Ok(efer) = check_efer_write(&super::cr_access::cr_state(), value, nx, syscall) else {
                 return inject_gp();
             };
             vmset(guest::IA32_EFER_FULL, efer);
