@@ -49,7 +49,13 @@ pub fn handle(vm: &mut Vm) -> Next {
         // The #DB came up while another event was being delivered, which
         // `reinject_interrupted_event` queued again: the #DB waits as a
         // pending debug exception and follows that delivery (SDM 27.7.3).
-        let pending = read(guest::PENDING_DBG_EXCEPTIONS) | (read(ro::EXIT_QUALIFICATION) & 0x600f);
+        // The field has B0-B3, "enabled breakpoint" (bit 12) and BS; bit 13
+        // is reserved there (SDM 25.4.2), and BD is a fault, never pending.
+        let qual = read(ro::EXIT_QUALIFICATION);
+        let mut pending = read(guest::PENDING_DBG_EXCEPTIONS) | (qual & (event::DR6_B0_B3 | event::DR6_BS));
+        if qual & event::DR6_B0_B3 != 0 {
+            pending |= 1 << 12;
+        }
         set(guest::PENDING_DBG_EXCEPTIONS, pending);
         return Next::Resume;
     }

@@ -357,9 +357,13 @@ mod tests {
         assert_eq!(alloc::format!("{}", Missing("EPT")), "the CPU lacks EPT");
         // MISC bits 4:0: the timer's rate; FIXED1 clears what must be 0.
         assert_eq!(VmxCaps { misc: 0x6004_01e5, ..c }.preemption_timer_rate(), 5);
-        let strict = VmxCaps { cr0_fixed: (0x21, 0xffff_00ff), cr4_fixed: (0x2000, 0x00ff), ..c };
+        let strict = VmxCaps { cr0_fixed: (0x21, 0xffff_00ff), cr4_fixed: (0x2000, 0x20ff), ..c };
         assert_eq!(strict.fix_cr0(0x1_0000_0100), 0x21);
-        assert_eq!(strict.fix_cr4(0x1_0000_0120), 0x20);
+        assert_eq!(strict.fix_cr4(0x1_0000_0120), 0x2020);
+        // Bits already set stay set (an OR, not a toggle).
+        assert_eq!(strict.fix_cr0(0x21), 0x21);
+        assert_eq!(strict.fix_cr4(0x2000 | 0x20), 0x2020);
+        assert!(!VmxCaps { ept_vpid: c.ept_vpid & !ept_cap::PAGE_2M, ..c }.has_ept_2m());
     }
 
     #[test]
@@ -367,6 +371,7 @@ mod tests {
         let cap = 0x0000_00ff_0000_0016u64; // must: bits 1,2,4; may: bits 0-7
         assert_eq!(adjust_controls(cap, 0), Ok(0x16));
         assert_eq!(adjust_controls(cap, 1 << 6), Ok(0x56));
+        assert_eq!(adjust_controls(cap, 0x12), Ok(0x16)); // wanted and forced
         assert_eq!(adjust_controls(cap, (1 << 8) | (1 << 6)), Err(1 << 8));
     }
 
