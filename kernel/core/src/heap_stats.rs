@@ -59,6 +59,15 @@ impl<A> CountingAlloc<A> {
         self.in_use.fetch_sub(bytes, Relaxed);
     }
 
+    /// Counts a block that went from `old` to `new` bytes.
+    fn resized(&self, old: usize, new: usize) {
+        match new.cmp(&old) {
+            Cmp::Greater => self.grew(new - old),
+            Cmp::Less => self.shrank(old - new),
+            Cmp::Equal => {}
+        }
+    }
+
     /// Counts a new block of `size` bytes at `p`, if there is one.
     fn counted(&self, p: *mut u8, size: usize) -> *mut u8 {
         if !p.is_null() {
@@ -91,12 +100,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAlloc<A> {
         // SAFETY: the caller's contract for `realloc`.
         let p = unsafe { self.inner.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            let old = layout.size();
-            match new_size.cmp(&old) {
-                Cmp::Greater => self.grew(new_size - old),
-                Cmp::Less => self.shrank(old - new_size),
-                Cmp::Equal => {}
-            }
+            self.resized(layout.size(), new_size);
         }
         p
     }
