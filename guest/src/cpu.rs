@@ -142,7 +142,7 @@ debug_registers!(0 => "dr0", 1 => "dr1", 2 => "dr2", 3 => "dr3", 6 => "dr6", 7 =
 /// 3B 18.2.3): what a #DB handler writes back.
 pub const DR6_CLEAR: u64 = 0xffff_0ff0;
 pub const DR6_B0: u64 = 1 << 0;
-pub const DR6_BS: u64 = 1 << 14;
+pub use hvcore::vmx::event::DR6_BS;
 /// DR7 with every breakpoint off (bit 10 reads as 1).
 pub const DR7_OFF: u64 = 0x400;
 

@@ -38,26 +38,26 @@ pub fn handle(vm: &mut Vm) -> Next {
                 // General detect: the CPU clears DR7.GD as it delivers.
                 set(guest::DR7, read(guest::DR7) & !event::DR7_GD);
             }
+            if read(ro::IDT_VECTORING_INFO) as u32 & event::VALID != 0 {
+                // The #DB came up while another event was being delivered,
+                // which `reinject_interrupted_event` queued again: the #DB
+                // waits as a pending debug exception and follows that
+                // delivery (SDM 27.7.3). The field has B0-B3, "enabled
+                // breakpoint" (bit 12) and BS; bit 13 is reserved there
+                // (SDM 25.4.2), and BD is a fault, never pending.
+                let mut pending = read(guest::PENDING_DBG_EXCEPTIONS) | (qual & (event::DR6_B0_B3 | event::DR6_BS));
+                if qual & event::DR6_B0_B3 != 0 {
+                    pending |= 1 << 12;
+                }
+                set(guest::PENDING_DBG_EXCEPTIONS, pending);
+                return Next::Resume;
+            }
         }
         AC => {}
         v => {
             vm.stop(Cause::Unhandled(alloc::format!("exception {v} exited, but only #DB and #AC are intercepted")));
             return Next::Ended;
         }
-    }
-    if read(ro::IDT_VECTORING_INFO) as u32 & event::VALID != 0 && e.vector == DB {
-        // The #DB came up while another event was being delivered, which
-        // `reinject_interrupted_event` queued again: the #DB waits as a
-        // pending debug exception and follows that delivery (SDM 27.7.3).
-        // The field has B0-B3, "enabled breakpoint" (bit 12) and BS; bit 13
-        // is reserved there (SDM 25.4.2), and BD is a fault, never pending.
-        let qual = read(ro::EXIT_QUALIFICATION);
-        let mut pending = read(guest::PENDING_DBG_EXCEPTIONS) | (qual & (event::DR6_B0_B3 | event::DR6_BS));
-        if qual & event::DR6_B0_B3 != 0 {
-            pending |= 1 << 12;
-        }
-        set(guest::PENDING_DBG_EXCEPTIONS, pending);
-        return Next::Resume;
     }
     if e.needs_instruction_length() {
         // ICEBP: the pushed RIP points after the instruction.
