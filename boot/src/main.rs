@@ -1,90 +1,18 @@
 //! `cargo run`: build the hypervisor's disk images and boot them headless
 //! in the best emulator on this machine. See `--help`.
 
+mod args;
 mod emulator;
 mod images;
 mod run;
 
-use emulator::{Emulator, Firmware};
+use args::Args;
+use emulator::Emulator;
 use hvcore::exit::ExitCode;
 use std::process::ExitCode as Status;
-use std::time::Duration;
-
-const USAGE: &str = "\
-usage: cargo run [--] [build|run] [options]
-
-  run (default)   build the images, then boot one headless and wait for
-                  the kernel's result
-  build           only build target/images/<name>/{bios,uefi}.img
-
-options:
-  --emulator E    auto (default), bochs, qemu (TCG) or qemu-kvm (nested)
-  --firmware F    bios (default) or uefi (QEMU only)
-  --options S     boot options for the kernel, e.g. \"log=debug warn-test=1\"
-  --name N        name of the image set and run directory (default: default)
-  --timeout S     seconds before a run is killed and failed (default: 300)
-  --quiet         do not echo the serial log
-
-exit status: 0 success, 1 the kernel reported failure, 2 bad usage or a
-missing tool, 3 the kernel reported no usable VMX, 4 timeout or no result";
-
-struct Args {
-    build_only: bool,
-    emulator: Option<Emulator>,
-    firmware: Firmware,
-    options: String,
-    name: String,
-    timeout: Duration,
-    echo: bool,
-}
-
-fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut a = Args {
-        build_only: false,
-        emulator: None,
-        firmware: Firmware::Bios,
-        options: String::new(),
-        name: "default".into(),
-        timeout: Duration::from_secs(300),
-        echo: true,
-    };
-    while let Some(arg) = argv.next() {
-        let mut value = || argv.next().ok_or_else(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "run" => {}
-            "build" => a.build_only = true,
-            "--emulator" => {
-                a.emulator = match value()?.as_str() {
-                    "auto" => None,
-                    "bochs" => Some(Emulator::Bochs),
-                    "qemu" => Some(Emulator::QemuTcg),
-                    "qemu-kvm" => Some(Emulator::QemuKvm),
-                    e => return Err(format!("unknown emulator '{e}'")),
-                }
-            }
-            "--firmware" => {
-                a.firmware = match value()?.as_str() {
-                    "bios" => Firmware::Bios,
-                    "uefi" => Firmware::Uefi,
-                    f => return Err(format!("unknown firmware '{f}'")),
-                }
-            }
-            "--options" => a.options = value()?,
-            "--name" => a.name = value()?,
-            "--timeout" => {
-                let v = value()?;
-                a.timeout = Duration::from_secs(v.parse().map_err(|_| format!("bad timeout '{v}'"))?)
-            }
-            "--quiet" => a.echo = false,
-            "-h" | "--help" => return Err(USAGE.into()),
-            other => return Err(format!("unknown argument '{other}'\n\n{USAGE}")),
-        }
-    }
-    Ok(a)
-}
 
 fn main() -> Status {
-    let args = match parse(std::env::args().skip(1)) {
+    let args = match args::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("{e}");
@@ -107,7 +35,7 @@ fn run(args: &Args) -> Result<Status, String> {
         Some(e) => emulator::check(e, args.firmware).map(|()| (e, "asked for with --emulator".into()))?,
         None => (Emulator::QemuTcg, String::new()),
     };
-    let images = images::build(&args.name, &args.options)?;
+    let images = images::build(&args.name, &args.options, &args.vms, args.boot_log)?;
     if args.build_only {
         println!("{}\n{}", images.bios.display(), images.uefi.display());
         return Ok(Status::SUCCESS);

@@ -50,16 +50,64 @@ pub fn serial_result(serial: &str) -> Option<ExitCode> {
     whole.lines().find_map(ExitCode::from_serial_line)
 }
 
+/// The bootloader's panic, if it had one before the kernel started: its
+/// `panicked at FILE:LINE:COL:` line (UEFI: on the firmware's console,
+/// after ANSI escapes; BIOS: logged as `ERROR: panicked at`, which the
+/// quiet boot config still shows) and the message line after it. Only
+/// lines before the kernel's first one count (the kernel's lines start
+/// with `[`, and guest text is inside them), so nothing the kernel or a
+/// guest prints can match. `None` as well while the lines are incomplete.
+pub fn boot_failure(serial: &str) -> Option<String> {
+    let whole = &serial[..serial.rfind('\n').map_or(0, |i| i + 1)];
+    let mut lines = whole.lines().map(|l| l.trim_start_matches('\0')).take_while(|l| !l.starts_with('['));
+    let panic = lines.find_map(|l| {
+        let l = strip_ansi(l);
+        let at = l.find("panicked at ")?;
+        matches!(&l[..at], "" | "ERROR: ").then(|| l[at..].trim_end().to_string())
+    })?;
+    if !panic.ends_with(':') {
+        return Some(panic);
+    }
+    let message = lines.next()?;
+    Some(format!("{panic} {}", strip_ansi(message).trim()))
+}
+
+/// `line` without ANSI CSI sequences (`ESC [ ... final byte`, ECMA-48
+/// 5.4), which OVMF's console puts before the text.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameter and intermediate bytes, then one final byte 0x40-0x7e.
+            for c in chars.by_ref() {
+                if ('\x40'..='\x7e').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The verdict of a run so far: `serial` is the serial log, `exited` the
 /// emulator's exit status if it has stopped. `None`: keep waiting.
 ///
 /// QEMU: nothing until QEMU exits, then its status decides (a serial line
 /// that says otherwise is noted, and loses); a status that is none of the
 /// kernel's is no result. Bochs: the kernel's result line decides as soon
-/// as it is whole; Bochs stopping without one is no result.
+/// as it is whole; Bochs stopping without one is no result. Either way, a
+/// panic of the bootloader ([`boot_failure`]) is no result at once.
 pub fn decide(emulator: Emulator, serial: &str, exited: Option<ExitStatus>) -> Option<Verdict> {
     let line = serial_result(serial);
     let verdict = |outcome| Some(Verdict { outcome, note: None });
+    // It halts after a panic: waiting for the timeout would tell no more.
+    if let Some(panic) = boot_failure(serial) {
+        return verdict(Outcome::NoResult(format!("the bootloader failed before the kernel started: {panic}")));
+    }
     match emulator {
         Emulator::Bochs => match (line, exited) {
             (Some(code), _) => verdict(Outcome::Exited(code)),
@@ -315,6 +363,35 @@ mod tests {
         assert_eq!(v.outcome, Outcome::Exited(ExitCode::NoVmx));
         let note = v.note.unwrap();
         assert!(note.contains("37 says no-vmx") && note.contains("no `HV-EXIT:` line"), "{note}");
+    }
+
+    #[test]
+    fn a_bootloader_panic_ends_the_run_at_once() {
+        // As logged by the BIOS stage 4 (bootloader-x86_64-common's logger
+        // writes "{level:5}: {message}") and as printed by the UEFI one
+        // after OVMF's escapes (seen with a 200 MB ramdisk in 256 MB).
+        let bios = "ERROR: panicked at src/main.rs:120:5:\r\nout of frames\r\n";
+        let uefi = "\x1b[2J\x1b[01;01H\x1b[=3hBdsDxe: starting Boot0002\r\n\x1b[2J\x1b[01;01Hpanicked at /x/bootloader-x86_64-uefi-0.11.17/src/main.rs:244:6:\r\nFailed to allocate memory for the file: Error { status: OUT_OF_RESOURCES, data: () }\r\n";
+        assert_eq!(boot_failure(bios).as_deref(), Some("panicked at src/main.rs:120:5: out of frames"));
+        assert_eq!(
+            boot_failure(uefi).as_deref(),
+            Some("panicked at /x/bootloader-x86_64-uefi-0.11.17/src/main.rs:244:6: Failed to allocate memory for the file: Error { status: OUT_OF_RESOURCES, data: () }")
+        );
+        for e in [Emulator::Bochs, Emulator::QemuTcg, Emulator::QemuKvm] {
+            let why = no_result(decide(e, bios, None));
+            assert_eq!(why, "the bootloader failed before the kernel started: panicked at src/main.rs:120:5: out of frames");
+        }
+        // Not before the message line is whole; an old-style one-line panic at once.
+        assert_eq!(boot_failure("ERROR: panicked at src/main.rs:120:5:\r\nout of"), None);
+        assert_eq!(boot_failure("ERROR: panicked at 'x', src/main.rs:1:2\n").as_deref(), Some("panicked at 'x', src/main.rs:1:2"));
+        // The kernel's lines and guest text inside them never count, nor
+        // anything after the kernel's first line, nor other prefixes.
+        assert_eq!(boot_failure("\r\n[PANIC] panicked at x:\r\ny\r\n"), None);
+        assert_eq!(boot_failure(&log("panicked at x:", None)), None);
+        assert_eq!(boot_failure("\0[INFO ] hv starting\nERROR: panicked at x:\ny\n"), None);
+        assert_eq!(boot_failure("INFO : panicked at x:\ny\n"), None);
+        assert_eq!(boot_failure("say panicked at x:\ny\n"), None);
+        assert_eq!(decide(Emulator::Bochs, &log("panicked at x:\ny", None), None), None);
     }
 
     #[test]
