@@ -1,8 +1,9 @@
-//! The guest's COM1: a 16550 whose transmit path is emulated, so a guest
-//! that prints the usual way (poll LSR, write THR) shows up on the host's
-//! log, one line at a time, prefixed with its VM's name by the caller.
-//! Receive, interrupts and modem lines are not emulated: reads of those
-//! registers return 0 and writes are ignored, like an idle port.
+//! The guest's COM1 and the line assembler behind every guest's serial
+//! output. [`SerialDevice`] is COM1 as the kernel has used it so far: a
+//! thin wrapper over the full 16550A model
+//! ([`crate::devices::uart16550::Uart16550`]) at [`COM1_BASE`].
+//! [`LineBuffer`] turns transmitted bytes into host log lines, one at a
+//! time, prefixed with its VM's name by the caller.
 //!
 //! Guest bytes never reach the host log raw: [`escape_guest_text`] keeps
 //! printable ASCII, writes a backslash as `\\` and every other byte as
@@ -11,16 +12,11 @@
 //! like text it typed. A line here is at most [`MAX_LINE`] characters of
 //! that escaped text, whatever the guest sends, so the buffer is bounded.
 
+use crate::devices::uart16550::Uart16550;
 use alloc::string::String;
 
 pub const COM1_BASE: u16 = 0x3f8;
-const THR: u16 = 0; // transmit holding (write), DLAB=0
-const LCR: u16 = 3;
-const LSR: u16 = 5;
-/// LSR: transmit holding register empty | transmitter empty.
-const LSR_IDLE: u8 = 0x60;
-const LCR_DLAB: u8 = 0x80;
-/// The longest line [`SerialDevice`] hands out, in characters of escaped
+/// The longest line [`LineBuffer`] hands out, in characters of escaped
 /// text; a guest that never sends a newline still gets its output shown.
 pub const MAX_LINE: usize = 200;
 
@@ -61,44 +57,19 @@ fn push_escaped(out: &mut String, byte: u8) {
     }
 }
 
+/// Assembles transmitted bytes into escaped lines: `\n` ends a line, `\r`
+/// is dropped, every other byte is escaped ([`escape_guest_text`]), and a
+/// line that would grow past [`MAX_LINE`] characters is handed out before
+/// the byte that does not fit. Holds at most [`MAX_LINE`] characters,
+/// whatever the guest sends.
 #[derive(Default)]
-pub struct SerialDevice {
-    lcr: u8,
+pub struct LineBuffer {
     line: String,
 }
 
-impl SerialDevice {
-    pub fn claims(port: u16) -> bool {
-        (COM1_BASE..COM1_BASE + 8).contains(&port)
-    }
-
-    /// A guest OUT to `port`; returns a finished line to print, if any.
-    pub fn write(&mut self, port: u16, value: u8) -> Option<String> {
-        match port - COM1_BASE {
-            THR if self.lcr & LCR_DLAB == 0 => self.push(value),
-            LCR => {
-                self.lcr = value;
-                None
-            }
-            _ => None, // divisor latch, IER, FCR, MCR, scratch
-        }
-    }
-
-    /// A guest IN from `port`.
-    pub fn read(&self, port: u16) -> u8 {
-        match port - COM1_BASE {
-            LSR => LSR_IDLE,
-            LCR => self.lcr,
-            _ => 0,
-        }
-    }
-
-    /// Whatever is left unprinted (when the VM ends).
-    pub fn take_partial(&mut self) -> Option<String> {
-        (!self.line.is_empty()).then(|| core::mem::take(&mut self.line))
-    }
-
-    fn push(&mut self, byte: u8) -> Option<String> {
+impl LineBuffer {
+    /// One transmitted byte; returns a finished line, if any.
+    pub fn push(&mut self, byte: u8) -> Option<String> {
         match byte {
             b'\n' => Some(core::mem::take(&mut self.line)),
             b'\r' => None,
@@ -112,6 +83,45 @@ impl SerialDevice {
                 done
             }
         }
+    }
+
+    /// Whatever is left unprinted (when the VM ends).
+    pub fn take_partial(&mut self) -> Option<String> {
+        (!self.line.is_empty()).then(|| core::mem::take(&mut self.line))
+    }
+}
+
+/// COM1 (ports 0x3f8-0x3ff) as the kernel routes it today: the 16550A
+/// model of [`crate::devices::uart16550`] at [`COM1_BASE`].
+pub struct SerialDevice {
+    uart: Uart16550,
+}
+
+impl Default for SerialDevice {
+    fn default() -> Self {
+        SerialDevice { uart: Uart16550::new(COM1_BASE) }
+    }
+}
+
+impl SerialDevice {
+    pub fn claims(port: u16) -> bool {
+        (COM1_BASE..COM1_BASE + 8).contains(&port)
+    }
+
+    /// A guest OUT to `port`; returns a finished line to print, if any.
+    pub fn write(&mut self, port: u16, value: u8) -> Option<String> {
+        self.uart.write(port, value)
+    }
+
+    /// A guest IN from `port`. Takes `&mut self`: on a 16550 reading IIR,
+    /// LSR, MSR or RBR changes state.
+    pub fn read(&mut self, port: u16) -> u8 {
+        self.uart.read(port)
+    }
+
+    /// Whatever is left unprinted (when the VM ends).
+    pub fn take_partial(&mut self) -> Option<String> {
+        self.uart.take_partial()
     }
 }
 
