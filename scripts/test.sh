@@ -131,21 +131,22 @@ smoke bochs bochs bios 0 180 "$all_vms" "${summary_head[@]}" \
     'cpu features: vmx=yes' "${summary_tail[@]}" \
     '^\[INFO \] vmx caps: basic=0x[0-9a-f]+ ' \
     '^\[INFO \] vmx: on \(VMCS revision 0x[0-9a-f]+\)' \
-    '^\[INFO \] vm0: created: scenario hello' \
-    '^\[INFO \] vm10: created: scenario devices' \
+    '^\[INFO \] vm0 \(hello\): created: program, ' \
+    '^\[INFO \] vm10 \(devices\): created: program, ' \
     '^\[INFO \] == run report ==' \
-    '^\[INFO \] vm0 \(hello\): exited with code 0; 3 checks passed, 0 failed; [0-9]+ exits; as expected' \
-    '^\[INFO \] vm1 \(hello\): exited with code 0; 3 checks passed, 0 failed' \
-    '^\[INFO \] vm2 \(wild-access\): stopped: guest-physical access at 0x30000000 outside its memory; .*as expected' \
-    '^\[INFO \] vm3 \(vmxon\): exited with code 0; 1 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm4 \(bad-hypercall\): exited with code 0; 1 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm5 \(triple-fault\): stopped: triple fault; .*as expected' \
-    '^\[INFO \] vm6 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm7 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm8 \(exit-cost\): exited with code 0; 2 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm9 \(bad-vmcs\): stopped: VM entry failed: VM-instruction error 7: VM entry with invalid control field\(s\); .*as expected' \
-    '^\[INFO \] vm10 \(devices\): exited with code 0; 5 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=1, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+(, VMX-preemption timer expired=[0-9]+)?; unknown ports 1, ' \
+    '^\[INFO \] vm0 +hello +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm1 +hello +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm2 +wild-access +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  stopped: guest-physical access at 0x30000000 outside its memory' \
+    '^\[INFO \] vm3 +vmxon +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 1 checks passed, 0 failed' \
+    '^\[INFO \] vm4 +bad-hypercall +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 1 checks passed, 0 failed' \
+    '^\[INFO \] vm5 +triple-fault +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  stopped: triple fault' \
+    '^\[INFO \] vm6 +dedupe +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm7 +dedupe +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm8 +exit-cost +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 2 checks passed, 0 failed' \
+    '^\[INFO \] vm9 +bad-vmcs +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  stopped: VM entry failed: VM-instruction error 7: VM entry with invalid control field\(s\)' \
+    '^\[INFO \] vm10 +devices +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 5 checks passed, 0 failed' \
+    '^\[INFO \] vm10 exits: HLT=1, VMCALL=[0-9]+, control-register access=1, I/O instruction=[0-9]+, RDMSR=1, EPT violation=[0-9]+(, VMX-preemption timer expired=[0-9]+)?$' \
+    '^\[INFO \] vm10 resources: .*; unknown ports 1, ' \
     '^\[INFO \] warnings: 0 WARN hits' \
     '^\[INFO \] run: [0-9]+ VM exits in [0-9]+ TSC ticks' \
     '^\[INFO \] 11 VMs in [0-9]+ time slices; all ended as expected' \
@@ -199,7 +200,7 @@ check "share-same-vm: writes break only same-VM sharing" expect_count target/run
     '^\[INFO \] vm[01]: writes to 10 pages merged before: 2 COW breaks$'
 smoke share-off bochs bios 0 120 "vms=dedupe,dedupe share=off" \
     '^\[INFO \] dedupe converged: pages_shared=0 pages_sharing=0 pages_unshared=0 pages_volatile=0 zero_pages=0 ' \
-    '^\[INFO \] notifier: MmuStats \{ invalidate_range_start: 0, change_pte: 0, ' \
+    '^\[INFO \] notifier: invalidate_range_start=0 change_pte=0 ' \
     '^\[INFO \] 2 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 
 # Isolation: guests that try to reach outside themselves, each in its own
@@ -212,23 +213,23 @@ iso_vms="vms=isolation,isolation,isolation,ring3,single-step,db-loop,mwait,cpu-c
 smoke isolation bochs bios 0 300 "$iso_vms" \
     '^\[INFO \] vcpu state: (XSAVE|FXSAVE) area of [0-9]+ bytes, XCR0 0x[0-9a-f]+; DR0-3/DR6, [56] MSRs and CR2 switched per VM' \
     '^\[INFO \] == run report ==' \
-    '^\[INFO \] vm0 \(isolation\): exited with code 0; [0-9]+ checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm1 \(isolation\): exited with code 0; [0-9]+ checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm2 \(isolation\): exited with code 0; [0-9]+ checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm3 \(ring3\): exited with code 0; 9 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm4 \(single-step\): exited with code 0; 7 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm5 \(db-loop\): stopped: debug-exception loop: vector 1 at RIP 0x[0-9a-f]+ 10000 times in a row with no progress; .*as expected' \
+    '^\[INFO \] vm0 +isolation +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; [0-9]+ checks passed, 0 failed' \
+    '^\[INFO \] vm1 +isolation +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; [0-9]+ checks passed, 0 failed' \
+    '^\[INFO \] vm2 +isolation +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; [0-9]+ checks passed, 0 failed' \
+    '^\[INFO \] vm3 +ring3 +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 9 checks passed, 0 failed' \
+    '^\[INFO \] vm4 +single-step +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 7 checks passed, 0 failed' \
+    '^\[INFO \] vm5 +db-loop +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  stopped: debug-exception loop: vector 1 at RIP 0x[0-9a-f]+ 10000 times in a row with no progress' \
     '^\[INFO \] vm5 exits: exception or NMI=[0-9]{5,}' \
-    '^\[INFO \] vm6 \(mwait\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm6 +mwait +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
     '^\[INFO \] vm6 exits: .*MWAIT=1, MONITOR=1' \
-    '^\[INFO \] vm7 \(cpu-checks\): exited with code 0; 8 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm8 \(forge\): exited with code 0; 1 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm9 \(flood\): exited with code 0; 256 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm9 exits: .*refused hypercalls 44, guest log lines dropped [1-9][0-9]+$' \
+    '^\[INFO \] vm7 +cpu-checks +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 8 checks passed, 0 failed' \
+    '^\[INFO \] vm8 +forge +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 1 checks passed, 0 failed' \
+    '^\[INFO \] vm9 +flood +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 256 checks passed, 0 failed' \
+    '^\[INFO \] vm9 resources: .*refused hypercalls 44, guest log lines dropped [1-9][0-9]+; ' \
     '^\[INFO \] vm9 resources: .*; 256 checks kept \(cap 256\)$' \
-    '^\[INFO \] vm10 \(memhog\): stopped: frame quota of 1024 frames exceeded; .*as expected' \
-    '^\[INFO \] vm11 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm11 resources: .* host frames held \(peak [0-9]+, quota 2048\)' \
+    '^\[INFO \] vm10 +memhog +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  stopped: frame quota of 1024 frames exceeded' \
+    '^\[INFO \] vm11 +hello +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm11 +hello +program +yes +[0-9]+ +[0-9]+/[0-9]+/2048  ' \
     '^\[INFO \] heap: [0-9]+ KiB in use, high-water mark [0-9]+ KiB of 16384 KiB$' \
     '^\[INFO \] 12 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 log=target/runs/isolation-bochs-bios/serial.log
@@ -247,16 +248,16 @@ check "isolation: one verdict line, the kernel's" expect_count "$log" 1 '^HV-EXI
 # The forger beside a VM that fails: the run fails, whatever was printed.
 smoke forged-verdict bochs bios 1 120 "vms=forge,fail" \
     '^\[INFO \] \[vm0\] HV-EXIT: 0x10 success$' \
-    '^\[INFO \] vm1 \(fail\): exited with code 1; 0 checks passed, 1 failed; .*NOT as expected' \
+    '^\[INFO \] vm1 +fail +program +NO +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 1; 0 checks passed, 1 failed; NOT as expected' \
     '^\[INFO \] 2 VMs in [0-9]+ time slices; some did NOT end as expected' \
     '^HV-EXIT: 0x11 failure'
 
 # A guest image that cannot be loaded is refused with the reason; the
 # other VMs run.
 smoke bad-image bochs bios 0 120 "vms=hello bad-image-test=1" \
-    '^\[INFO \] vm0: created: scenario hello' \
-    '^\[INFO \] bad-image-test: vm1: refused: guest image program header table lies outside the file' \
-    '^\[INFO \] vm0 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm0 \(hello\): created: program, ' \
+    '^\[INFO \] bad-image-test: vm1 \(hello\): refused: guest image program header table lies outside the file' \
+    '^\[INFO \] vm0 +hello +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
     '^\[INFO \] 1 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 
 # Out of host frames during a COW break: only that VM is stopped; the
@@ -265,9 +266,9 @@ smoke oom-test bochs bios 0 120 "vms=dedupe,dedupe,hello oom-test=1" \
     '^\[INFO \] oom-test: vm0 will find the host out of frames when it writes' \
     '^\[WARN \] vm0: stopped: out of host memory' \
     '^\[INFO \] vm1: check 31 passed' \
-    '^\[INFO \] vm0 \(dedupe\): stopped: out of host memory; .*as expected' \
-    '^\[INFO \] vm1 \(dedupe\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
-    '^\[INFO \] vm2 \(hello\): exited with code 0; 3 checks passed, 0 failed; .*as expected' \
+    '^\[INFO \] vm0 +dedupe +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  stopped: out of host memory' \
+    '^\[INFO \] vm1 +dedupe +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
+    '^\[INFO \] vm2 +hello +program +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  exited with code 0; 3 checks passed, 0 failed' \
     '^\[INFO \] warnings: 0 WARN hits' \
     '^\[INFO \] 3 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 
@@ -277,7 +278,7 @@ smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \
     '^\[INFO \] warn-test: change_pte on vm0 gpa 0x200000 with no invalidation in flight' \
     '^\[WARN \] WARNING: kernel/core/src/mmu_notifier.rs:[0-9]+: change_pte\(gfn 0x200\) with no invalidation in flight' \
     '^\[INFO \] dedupe converged: pages_shared=96 pages_sharing=160 ' \
-    '^\[INFO \] notifier: .*warnings: 1[,} ]' \
+    '^\[INFO \] notifier: .* warnings=1$' \
     '^\[INFO \] warnings: 1 WARN hits' \
     '^\[INFO \] 3 VMs in [0-9]+ time slices; all ended as expected' '^HV-EXIT: 0x10 success'
 check "warn-test: exactly one WARN line" expect_count target/runs/warn-test-bochs-bios/serial.log 1 '^\[WARN \] WARNING:'

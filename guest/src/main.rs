@@ -118,8 +118,9 @@ fn exit_cost() -> ! {
 
 fn devices() -> ! {
     let port: u8;
-    // SAFETY: port 0x80 is no device of this VM: the read must be all ones.
-    unsafe { asm!("in al, dx", out("al") port, in("dx") 0x80u16, options(nomem, nostack)) };
+    // SAFETY: port 0x5658 (VMware's backdoor, which we do not emulate) is
+    // no device of this VM: the read must be all ones.
+    unsafe { asm!("in al, dx", out("al") port, in("dx") 0x5658u16, options(nomem, nostack)) };
     let mut ok = hv::report(check::UNKNOWN_PORT_ONES, port == 0xff, port as u64);
 
     // MSR 0x4b56_4d00 does not exist: #GP.

@@ -5,7 +5,7 @@
 use crate::exits::{self, Next};
 use crate::memory::Page;
 use crate::vcpu::{HostCpu, Vcpu};
-use crate::vm::{Cause, End, Vm};
+use crate::vm::{Cause, End, Kind, Vm};
 use crate::vmx::instructions::{self, InvType};
 use crate::vmx::vmcs::{self, Vmcs};
 use crate::vmx::Vmx;
@@ -20,7 +20,9 @@ use hvcore::frame::FrameAllocator;
 use hvcore::hypercall::{guest_arg, scenario};
 use hvcore::mmu_notifier::{NotifierMode, TlbFlush};
 use hvcore::page_manager::{PageManager, VmConfig, VmId};
+use hvcore::loader::multiboot;
 use hvcore::phys::OffsetPhysMem;
+use hvcore::platform::{Platform, PlatformConfig};
 use hvcore::vmx::exit::{exit_reason_name, reason};
 use hvcore::vmx::VmxCaps;
 use x86::vmx::vmcs::{guest, ro};
@@ -30,8 +32,14 @@ use x86::vmx::vmcs::{guest, ro};
 /// Linux process marks with madvise(MADV_MERGEABLE).
 pub const GUEST_MEMORY: u64 = 8 << 20;
 const MERGEABLE_START: u64 = hvcore::hypercall::dedupe_layout::REGION_START;
-/// Dedupe pages looked at between two time slices.
-const SCAN_BATCH: usize = 64;
+/// Dedupe pages looked at in one go. The scanner (our ksmd) runs between
+/// time slices on a budget: a share of the guest time just spent
+/// ([`SCAN_SHARE`]), at least one batch per slice so it always moves on.
+/// Unbounded, it took 98% of the CPU from a guest with 128 MiB of memory
+/// in Bochs (kvm-unit-tests' xsave: 1052 slices of 20000 ticks).
+const SCAN_BATCH: usize = 16;
+/// The scanner may use 1/SCAN_SHARE of the time the guests run.
+const SCAN_SHARE: u64 = 4;
 /// A VM that has had this many slices without ending is stopped.
 const MAX_SLICES: u64 = 200_000;
 /// A time slice in host TSC ticks, exit handling included (in Bochs about
@@ -60,7 +68,8 @@ pub struct Host {
 
 impl Host {
     /// What the guest's CPUID depends on besides the host's.
-    pub fn guest_view(&self, guest_cr4: u64) -> hvcore::cpuid::GuestView {
+    /// `lapic`: the VM has the virtual local APIC.
+    pub fn guest_view(&self, guest_cr4: u64, lapic: bool) -> hvcore::cpuid::GuestView {
         use hvcore::control_regs::{CR4_OSXSAVE, CR4_PKE};
         use x86::vmx::vmcs::control::SecondaryControls as S;
         hvcore::cpuid::GuestView {
@@ -69,6 +78,7 @@ impl Host {
             xcr0_allowed: self.cpu.xcr0,
             rdtscp: self.secondary.contains(S::ENABLE_RDTSCP),
             invpcid: self.secondary.contains(S::ENABLE_INVPCID),
+            lapic,
         }
     }
 
@@ -153,6 +163,26 @@ impl TlbFlush for InveptFlush {
     }
 }
 
+/// A VM to create.
+pub struct NewVm<'a> {
+    /// The name it is reported under.
+    pub label: String,
+    pub guest: Guest<'a>,
+    /// Its memory in bytes (a program VM always has [`GUEST_MEMORY`]).
+    pub mem: u64,
+    /// The host frames it may hold; else the memhog scenario's small one,
+    /// a file VM's memory size, or the page manager's default.
+    pub frame_quota: Option<usize>,
+}
+
+/// What runs in a new VM.
+pub enum Guest<'a> {
+    /// The project's guest program in a scenario.
+    Program { elf: &'a [u8], scenario: u8 },
+    /// A multiboot kernel, its file name, arguments and modules.
+    Multiboot { kernel: &'a [u8], name: &'a str, args: &'a str, modules: Vec<multiboot::Module<'a>> },
+}
+
 pub struct Hypervisor {
     host: Host,
     vms: Vec<Vm>,
@@ -160,6 +190,8 @@ pub struct Hypervisor {
     mode: NotifierMode,
     /// TSC ticks `run` took (in Bochs, about one per instruction).
     tsc_ticks: u64,
+    /// Ticks the dedupe scanner may still use ([`Hypervisor::scan_for`]).
+    scan_budget: i64,
 }
 
 impl Hypervisor {
@@ -178,24 +210,27 @@ impl Hypervisor {
         };
         // The CR4 bits of the CPU the guest is shown (with CR4.OSXSAVE and
         // PKE on, so that nothing they gate is hidden), within VMX's limits.
-        let view = host.guest_view(hvcore::control_regs::CR4_OSXSAVE | hvcore::control_regs::CR4_PKE);
+        let view = host.guest_view(hvcore::control_regs::CR4_OSXSAVE | hvcore::control_regs::CR4_PKE, true);
         let shown = |l, s| hvcore::cpuid::guest_cpuid(l, s, &crate::vcpu::host_cpuid, &view);
         host.cr4_allowed = hvcore::control_regs::cr4_allowed(&shown) & vmx.caps.cr4_fixed.1;
         log::info!("vcpu: guest CR4 may set {:#x}; secondary controls {:#x}", host.cr4_allowed, secondary.bits());
-        Hypervisor { host, vms: Vec::new(), msr_bitmap, mode, tsc_ticks: 0 }
+        Hypervisor { host, vms: Vec::new(), msr_bitmap, mode, tsc_ticks: 0, scan_budget: 0 }
     }
 
-    /// Creates a VM running `guest_elf` in scenario `scn`. A guest that
-    /// cannot be set up is refused with the reason, and its memory goes
-    /// back: nothing else changes.
-    /// `frame_quota`: the host frames it may hold (else the memhog
-    /// scenario's small one, else the page manager's default).
-    pub fn create_vm(&mut self, guest_elf: &[u8], scn: u8, frame_quota: Option<usize>) -> Result<(), String> {
+    /// Creates a VM. A guest that cannot be set up is refused with the
+    /// reason, and its memory goes back: nothing else changes.
+    pub fn create_vm(&mut self, new: NewVm<'_>) -> Result<(), String> {
         let index = self.vms.len();
         let name = format!("vm{index}");
         let eptp_cell = Arc::new(AtomicU64::new(0));
         let mut config = VmConfig { mode: self.mode, ..VmConfig::default() };
-        if let Some(q) = frame_quota.or((scn == scenario::MEMHOG).then_some(MEMHOG_QUOTA)) {
+        let memhog = matches!(new.guest, Guest::Program { scenario: scenario::MEMHOG, .. });
+        let file_quota = match new.guest {
+            // All of its memory, and the EPT tables that map it.
+            Guest::Multiboot { .. } => Some((new.mem >> 12) as usize + (new.mem >> 21) as usize + 64),
+            Guest::Program { .. } => None,
+        };
+        if let Some(q) = new.frame_quota.or(memhog.then_some(MEMHOG_QUOTA)).or(file_quota) {
             config.frame_quota = q;
         }
         let flush = InveptFlush { eptp: eptp_cell.clone(), kind: self.host.caps.invept_type() };
@@ -203,31 +238,49 @@ impl Hypervisor {
             .host
             .pm
             .create_vm(config, Box::new(flush))
-            .map_err(|e| format!("{name}: cannot create: {e:?}"))?;
-        match self.set_up(&name, id, guest_elf, scn, &eptp_cell) {
+            .map_err(|e| format!("{name} ({}): cannot create: {e:?}", new.label))?;
+        match self.set_up(&name, id, &new, &eptp_cell) {
             Ok(vm) => {
                 self.vms.push(vm);
                 Ok(())
             }
             Err(why) => {
                 let _ = self.host.pm.destroy_vm(id);
-                Err(format!("{name}: refused: {why}"))
+                Err(format!("{name} ({}): refused: {why}", new.label))
             }
         }
     }
 
     /// Memory, guest image and VMCS of a new VM.
-    fn set_up(&mut self, name: &str, id: VmId, elf: &[u8], scn: u8, eptp_cell: &AtomicU64) -> Result<Vm, String> {
+    fn set_up(&mut self, name: &str, id: VmId, new: &NewVm<'_>, eptp_cell: &AtomicU64) -> Result<Vm, String> {
         let index = self.vms.len();
         let pm = &mut self.host.pm;
-        pm.add_slot(id, 0, MERGEABLE_START, false)
-            .and_then(|()| pm.add_slot(id, MERGEABLE_START, GUEST_MEMORY - MERGEABLE_START, true))
-            .map_err(|e| format!("memory slot: {e:?}"))?;
-        let arg = guest_arg(scn, index as u8);
-        let boot = hvcore::guest_boot::load(elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
-            pm.write_gpa(id, gpa, bytes).map_err(|_| ())
-        })
-        .map_err(|e| format!("{e}"))?;
+        let boot;
+        let (start, kind, regs) = match &new.guest {
+            Guest::Program { elf, scenario: scn } => {
+                pm.add_slot(id, 0, MERGEABLE_START, false)
+                    .and_then(|()| pm.add_slot(id, MERGEABLE_START, GUEST_MEMORY - MERGEABLE_START, true))
+                    .map_err(|e| format!("memory slot: {e:?}"))?;
+                let arg = guest_arg(*scn, index as u8);
+                boot = hvcore::guest_boot::load(elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
+                    pm.write_gpa(id, gpa, bytes).map_err(|_| ())
+                })
+                .map_err(|e| format!("{e}"))?;
+                (vmcs::Start::Long64(&boot), Kind::Program { scenario: *scn }, (boot.rdi, 0, 0))
+            }
+            Guest::Multiboot { kernel, name: file, args, modules } => {
+                if !self.host.caps.has_unrestricted_guest() {
+                    return Err("a multiboot kernel starts with paging off: the CPU lacks the VMX feature \"unrestricted guest\"".into());
+                }
+                // All of its memory is mergeable, as QEMU marks guest RAM
+                // with madvise(MADV_MERGEABLE).
+                pm.add_slot(id, 0, new.mem, true).map_err(|e| format!("memory slot: {e:?}"))?;
+                let spec = multiboot::Spec { kernel, name: file, args, modules, mem_size: new.mem };
+                let entry = multiboot::load(&spec, &mut |gpa, bytes| pm.write_gpa(id, gpa, bytes).map_err(|_| ()))
+                    .map_err(|e| format!("{e}"))?;
+                (vmcs::Start::Protected32 { eip: entry.eip }, Kind::Multiboot, (0, entry.eax as u64, entry.ebx as u64))
+            }
+        };
         let mmu = pm.mmu(id).map_err(|e| format!("{e:?}"))?;
         let eptp = mmu.eptp(mmu.accessed_dirty());
         eptp_cell.store(eptp, Ordering::Relaxed);
@@ -246,7 +299,7 @@ impl Hypervisor {
         };
         let setup = vmcs::Setup {
             caps: &self.host.caps,
-            boot: &boot,
+            start,
             eptp,
             vpid,
             msr_bitmap: self.msr_bitmap.phys(),
@@ -254,14 +307,16 @@ impl Hypervisor {
             cr4_allowed: self.host.cr4_allowed,
         };
         vmcs::setup(&setup).map_err(|e| format!("VMCS: {e}"))?;
-        if scn == scenario::BAD_VMCS {
+        let rip = setup.initial().rip;
+        if kind == (Kind::Program { scenario: scenario::BAD_VMCS }) {
             vmcs::set(x86::vmx::vmcs::control::CR3_TARGET_COUNT, 99);
         }
-        let mut vm = Vm::new(name.into(), scn, id, vcpu);
-        vm.vcpu.regs.rdi = boot.rdi;
+        let platform = Platform::new(&PlatformConfig { ram_size: new.mem, cpus: 1, lapic: kind == Kind::Multiboot });
+        let mut vm = Vm::new(name.into(), new.label.clone(), kind, id, vcpu, platform);
+        (vm.vcpu.regs.rdi, vm.vcpu.regs.rax, vm.vcpu.regs.rbx) = regs;
         log::info!(
-            "{}: created: scenario {}, {} MiB, entry {:#x}, EPTP {:#x} (A/D {}), VPID {}",
-            vm.name, scenario::name(scn).unwrap_or("?"), GUEST_MEMORY >> 20, boot.rip, eptp,
+            "{} ({}): created: {}, {} MiB, entry {:#x}, EPTP {:#x} (A/D {}), VPID {}",
+            vm.name, vm.label, kind.name(), new.mem >> 20, rip, eptp,
             if eptp & (1 << 6) != 0 { "on" } else { "off" },
             vpid.map_or("off".into(), |v| format!("{v}"))
         );
@@ -289,10 +344,72 @@ impl Hypervisor {
 
     fn schedule(&mut self) {
         let mut next = 0;
-        while let Some(i) = (0..self.vms.len()).map(|k| (next + k) % self.vms.len()).find(|&i| self.vms[i].end.is_none()) {
-            self.slice(i);
+        loop {
+            let n = self.vms.len();
+            let live = |vm: &Vm| vm.end.is_none();
+            if !self.vms.iter().any(live) {
+                return;
+            }
+            let runnable = (0..n).map(|k| (next + k) % n).find(|&i| {
+                let vm = &mut self.vms[i];
+                live(vm) && (!vm.halted || crate::exits::interrupts::wakes(vm, crate::vcpu::guest_tsc(vm)))
+            });
+            match runnable {
+                Some(i) => {
+                    self.vms[i].halted = false;
+                    let t0 = crate::vcpu::rdtsc();
+                    self.slice(i);
+                    self.scan_for(crate::vcpu::rdtsc() - t0);
+                    next = i + 1;
+                }
+                None => self.idle(),
+            }
+        }
+    }
+
+    /// Runs the dedupe scanner after a slice that took `ran` ticks: one
+    /// batch, then more while its budget lasts (a share of guest time; the
+    /// unspent part carries over, up to one slice's worth).
+    fn scan_for(&mut self, ran: u64) {
+        self.scan_budget = (self.scan_budget + (ran / SCAN_SHARE) as i64).min(SLICE_TICKS as i64);
+        loop {
+            let t0 = crate::vcpu::rdtsc();
             self.host.pm.scan(SCAN_BATCH);
-            next = i + 1;
+            self.scan_budget -= (crate::vcpu::rdtsc() - t0) as i64;
+            if self.scan_budget <= 0 || self.host.pm.scan_converged() {
+                return;
+            }
+        }
+    }
+
+    /// Every live VM is halted: wait for the first timer that can wake one.
+    /// One that nothing can ever wake (no timer armed, no interrupt it
+    /// accepts) is stopped, as it would sleep forever.
+    fn idle(&mut self) {
+        let deadline = |vm: &Vm| {
+            let host_deadline = |t: u64| t.wrapping_sub(vm.vcpu.tsc_offset);
+            vm.platform.lapic.as_ref().and_then(|l| l.next_deadline()).map(host_deadline)
+        };
+        let soonest = self.vms.iter().filter(|vm| vm.end.is_none()).filter_map(deadline).min();
+        match soonest {
+            Some(t) => {
+                // The scan uses the wait; then spin out the rest (the host
+                // takes no interrupts, so there is nothing to HLT for).
+                while crate::vcpu::rdtsc() < t {
+                    if self.host.pm.scan_converged() {
+                        core::hint::spin_loop();
+                    } else {
+                        self.host.pm.scan(SCAN_BATCH);
+                    }
+                }
+            }
+            None => {
+                for vm in self.vms.iter_mut().filter(|vm| vm.end.is_none()) {
+                    let what = if vm.halted_with_if { "no interrupt source armed" } else { "interrupts disabled" };
+                    vm.stop(Cause::Unhandled(format!("halted with {what}: nothing can ever wake it")));
+                    announce_end(vm);
+                }
+            }
         }
     }
 
@@ -314,60 +431,62 @@ impl Hypervisor {
         if vm.end.is_some() {
             // Write the VMCS back to memory; it is never used again.
             vm.vcpu.vmcs.clear();
+            announce_end(vm);
         }
         self.host.feed();
     }
 
-    /// Logs how each VM ended, the exit counters and the memory statistics;
-    /// true when every VM ended the way its scenario expects.
+    /// Logs how each VM ended (a table), the exit counters and the memory
+    /// statistics; true when every VM ended the way its kind expects.
     pub fn report(&mut self) -> bool {
         log::info!("== run report ==");
-        let mut all_ok = true;
         for vm in &mut self.vms {
-            if let Some(line) = vm.serial.take_partial() {
+            if let Some(line) = vm.platform.uart.take_partial() {
                 log::info!("[{}] {}", vm.name, line);
             }
-            let how = match &vm.end {
+        }
+        log::info!("{:<5} {:<14} {:<9} {:<4} {:>8} {:>20}  ENDED", "VM", "NAME", "KIND", "OK", "EXITS", "FRAMES HELD/PEAK/MAX");
+        let mut all_ok = true;
+        for vm in &self.vms {
+            let verdict = verdict(vm);
+            all_ok &= verdict.is_ok();
+            let (held, peak) = self.host.pm.vm_stats(vm.id).map_or((0, 0), |(s, _)| (s.frames_held, s.frames_peak));
+            let frames = format!("{held}/{peak}/{}", self.host.pm.frame_quota(vm.id).unwrap_or(0));
+            let mut ended = match &vm.end {
                 Some(End::Exited(code)) => format!("exited with code {code}"),
+                Some(End::DebugExit(status)) => format!("debug-exit status {status}"),
                 Some(End::Stopped(cause)) => format!("stopped: {cause}"),
                 None => "still running".into(),
             };
-            let verdict = verdict(vm);
-            all_ok &= verdict.is_ok();
+            if let Kind::Program { .. } = vm.kind {
+                let passed = vm.checks.iter().filter(|c| !c.failed).count();
+                ended += &format!("; {passed} checks passed, {} failed", vm.checks.len() - passed);
+            }
+            if let Err(why) = &verdict {
+                ended += &format!("; NOT as expected: {why}");
+            }
+            let ok = if verdict.is_ok() { "yes" } else { "NO" };
             log::info!(
-                "{} ({}): {}; {} checks passed, {} failed; {} exits; {}",
-                vm.name,
-                scenario::name(vm.scenario).unwrap_or("?"),
-                how,
-                vm.checks.iter().filter(|c| !c.failed).count(),
-                vm.checks.iter().filter(|c| c.failed).count(),
-                vm.total_exits(),
-                match &verdict {
-                    Ok(()) => "as expected".into(),
-                    Err(why) => format!("NOT as expected: {why}"),
-                }
+                "{:<5} {:<14} {:<9} {:<4} {:>8} {:>20}  {ended}",
+                vm.name, vm.label, vm.kind.name(), ok, vm.total_exits(), frames
             );
+        }
+        log::info!("-- per VM: exits by reason; devices; CPU time --");
+        for vm in &self.vms {
             let counts: Vec<String> = (0..reason::COUNT)
                 .filter(|&r| vm.exits[r] > 0)
                 .map(|r| format!("{}={}", exit_reason_name(r as u16), vm.exits[r]))
                 .collect();
+            log::info!("{} exits: {}", vm.name, if counts.is_empty() { "none".into() } else { counts.join(", ") });
             log::info!(
-                "{} exits: {}; unknown ports {}, refused hypercalls {}, guest log lines dropped {}",
-                vm.name,
-                if counts.is_empty() { "none".into() } else { counts.join(", ") },
-                vm.unknown_ports,
-                vm.refused_hypercalls,
-                vm.logs_dropped()
-            );
-            let (frames_held, frames_peak) = self.host.pm.vm_stats(vm.id).map_or((0, 0), |(s, _)| (s.frames_held, s.frames_peak));
-            log::info!(
-                "{} resources: {} TSC ticks of CPU in {} slices; {} host frames held (peak {}, quota {}); {} checks kept (cap {})",
-                vm.name, vm.cpu_ticks, vm.slices, frames_held, frames_peak,
-                self.host.pm.frame_quota(vm.id).unwrap_or(0), vm.checks.len(), crate::vm::MAX_CHECKS
+                "{} resources: {} TSC ticks of CPU in {} slices; unknown ports {}, refused hypercalls {}, guest log lines dropped {}; {} checks kept (cap {})",
+                vm.name, vm.cpu_ticks, vm.slices, vm.platform.unknown_ports(), vm.refused_hypercalls, vm.logs_dropped(),
+                vm.checks.len(), crate::vm::MAX_CHECKS
             );
         }
         let s = self.host.pm.ksm_stats();
         let t = self.host.pm.stats();
+        log::info!("-- memory (Linux's names: /sys/kernel/mm/ksm, KVM's mmu notifier) --");
         log::info!(
             "dedupe: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} full_scans={} zero_pages={} checksums_reused={}",
             s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.full_scans, s.zero_pages, s.checksums_reused
@@ -377,7 +496,12 @@ impl Hypervisor {
             t.vm.ept_violations, t.vm.not_present, t.vm.write_shared, t.vm.outside, t.vm.retries, t.vm.cow_breaks,
             t.vm.pages_allocated
         );
-        log::info!("notifier: {:?}", t.mmu);
+        let m = &t.mmu;
+        log::info!(
+            "notifier: invalidate_range_start={} change_pte={} (installed {}) invalidate_range_end={} tlb_flushes={} installs={} retries={} dirty_cleared={} warnings={}",
+            m.invalidate_range_start, m.change_pte, m.change_pte_installed, m.invalidate_range_end, m.tlb_flushes,
+            m.installs, m.retries, m.dirty_cleared, m.warnings
+        );
         log::info!("warnings: {} WARN hits", hvcore::warn::total_hits());
         let (in_use, peak) = crate::memory::heap_usage();
         log::info!("heap: {} KiB in use, high-water mark {} KiB of {} KiB", in_use >> 10, peak >> 10, crate::memory::HEAP_SIZE >> 10);
@@ -393,6 +517,17 @@ impl Hypervisor {
     }
 }
 
+/// The `HV-VM:` line of a VM that just ended (`hvcore::exit::VM_END_MARKER`).
+fn announce_end(vm: &Vm) {
+    let how = match &vm.end {
+        Some(End::Exited(code)) => format!("exited={code}"),
+        Some(End::DebugExit(status)) => format!("debug-exit={status}"),
+        Some(End::Stopped(cause)) => format!("stopped: {cause}"),
+        None => return,
+    };
+    crate::println!("{} {} {} {how}", hvcore::exit::VM_END_MARKER, vm.name, vm.label);
+}
+
 /// Enters `vm` until its slice of [`SLICE_TICKS`] host ticks from `t0` is
 /// used up. The slice is bounded in host time, exit handling included: a
 /// guest that exits often cannot stretch it, with or without the
@@ -406,6 +541,7 @@ fn run_slice(vm: &mut Vm, host: &mut Host, t0: u64) {
             return;
         }
         vmcs::set(guest::VMX_PREEMPTION_TIMER_VALUE, ((SLICE_TICKS - used) >> rate).max(1));
+        exits::interrupts::deliver(vm);
         // SAFETY: the VM's VMCS is current and fully set up.
         if unsafe { instructions::run(&mut vm.vcpu.regs, vm.vcpu.launched) }.is_err() {
             let err = vmcs::read(ro::VM_INSTRUCTION_ERROR) as u32;
@@ -439,6 +575,15 @@ fn msr_bitmap() -> Box<Page> {
 
 /// Whether `vm` ended the way its scenario should.
 fn verdict(vm: &Vm) -> Result<(), String> {
+    if vm.kind == Kind::Multiboot {
+        // kvm-unit-tests' convention (and QEMU's isa-debug-exit users'):
+        // status 0 is success.
+        return match &vm.end {
+            Some(End::DebugExit(0)) => Ok(()),
+            Some(End::DebugExit(s)) => Err(format!("debug-exit status {s}, not 0")),
+            end => Err(format!("expected a debug-exit, got {end:?}")),
+        };
+    }
     let failed = vm.checks.iter().filter(|c| c.failed).count();
     match (vm.scenario, &vm.end) {
         (_, Some(End::Stopped(Cause::OutOfMemory))) if vm.dedupe.starved => Ok(()),

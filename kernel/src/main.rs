@@ -30,6 +30,9 @@ use hvcore::exit::ExitCode;
 use hvcore::hypercall::scenario;
 use hvcore::mmu_notifier::NotifierMode;
 use hvcore::options::{Options, VmSpec};
+use alloc::string::String;
+use alloc::vec::Vec;
+use hypervisor::{Guest, NewVm};
 
 pub static BOOTLOADER_CONFIG: BootloaderConfig = {
     let mut config = BootloaderConfig::new_default();
@@ -107,20 +110,55 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
     };
     let mode = if options.linux_zap { NotifierMode::LinuxZap } else { NotifierMode::ChangePte };
     let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share, options.oom_test);
+    let manifest = match bundle.file("vms").map(core::str::from_utf8) {
+        None => Vec::new(),
+        Some(Ok(text)) => match hvcore::manifest::parse(text) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::error!("the boot bundle's VM list: {e}");
+                return ExitCode::Failure;
+            }
+        },
+        Some(Err(_)) => {
+            log::error!("the boot bundle's VM list is not UTF-8");
+            return ExitCode::Failure;
+        }
+    };
     let default = [scenario::HELLO, scenario::HELLO, scenario::DEDUPE, scenario::DEDUPE].map(VmSpec::new);
-    let wanted = options.vms.as_deref().unwrap_or(&default);
+    let scenarios = match (&options.vms, manifest.is_empty()) {
+        (Some(v), _) => v.as_slice(),
+        (None, true) => &default[..],
+        (None, false) => &[],
+    };
     let mut refused = 0;
-    for spec in wanted {
-        let quota = spec.frame_quota.or(options.frame_quota);
-        if let Err(e) = hv.create_vm(elf, spec.scenario, quota) {
+    let create = |hv: &mut hypervisor::Hypervisor, new: NewVm, refused: &mut u32| {
+        if let Err(e) = hv.create_vm(new) {
             log::error!("{e}");
-            refused += 1;
+            *refused += 1;
+        }
+    };
+    for spec in scenarios {
+        let label = scenario::name(spec.scenario).unwrap_or("?").into();
+        let guest = Guest::Program { elf, scenario: spec.scenario };
+        create(&mut hv, NewVm { label, guest, mem: hypervisor::GUEST_MEMORY, frame_quota: spec.frame_quota.or(options.frame_quota) }, &mut refused);
+    }
+    for entry in &manifest {
+        match vm_from_manifest(bundle, elf, entry) {
+            Ok(mut new) => {
+                new.frame_quota = new.frame_quota.or(options.frame_quota);
+                create(&mut hv, new, &mut refused)
+            }
+            Err(why) => {
+                log::error!("{}: refused: {why}", entry.label);
+                refused += 1;
+            }
         }
     }
     if options.bad_image_test {
         // The first 100 bytes of the ELF: a header whose program headers
         // lie beyond the image.
-        match hv.create_vm(&elf[..elf.len().min(100)], scenario::HELLO, None) {
+        let guest = Guest::Program { elf: &elf[..elf.len().min(100)], scenario: scenario::HELLO };
+        match hv.create_vm(NewVm { label: "hello".into(), guest, mem: hypervisor::GUEST_MEMORY, frame_quota: None }) {
             Err(e) => log::info!("bad-image-test: {e}"),
             Ok(()) => {
                 log::error!("bad-image-test: a truncated guest image was accepted");
@@ -133,6 +171,28 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
     }
     hv.run();
     if hv.report() && refused == 0 { ExitCode::Success } else { ExitCode::Failure }
+}
+
+/// A VM of the bundle's list, its files looked up in the bundle.
+fn vm_from_manifest<'a>(bundle: &Bundle<'a>, elf: &'a [u8], e: &'a hvcore::manifest::VmEntry) -> Result<NewVm<'a>, String> {
+    use hvcore::manifest::Kind as M;
+    let file = |path: &str| bundle.file(path).ok_or_else(|| alloc::format!("{path} is missing from the boot bundle"));
+    let guest = match &e.kind {
+        M::Program { scenario: name } => {
+            let scn = scenario::from_name(name).ok_or_else(|| alloc::format!("no guest scenario named '{name}'"))?;
+            Guest::Program { elf, scenario: scn }
+        }
+        M::File => {
+            let kernel = file(&e.kernel)?;
+            let mut modules = alloc::vec::Vec::new();
+            for m in &e.modules {
+                modules.push(hvcore::loader::multiboot::Module { data: file(&m.path)?, cmdline: &m.cmdline });
+            }
+            Guest::Multiboot { kernel, name: &e.label, args: &e.cmdline, modules }
+        }
+    };
+    let mem = if matches!(guest, Guest::Program { .. }) { hypervisor::GUEST_MEMORY } else { e.mem };
+    Ok(NewVm { label: e.label.clone(), guest, mem, frame_quota: e.frame_quota })
 }
 
 /// The kernel takes no interrupts (guests are switched on the VMX

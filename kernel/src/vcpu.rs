@@ -123,6 +123,92 @@ pub struct Vcpu {
     /// The virtual-APIC page: with the TPR shadow, MOV to/from CR8 reads
     /// and writes its TPR byte instead of the real APIC's (Vol. 3C 30.1.1).
     pub vapic: Box<Page>,
+    /// The TSC offset in its VMCS (guest TSC = host TSC + offset), kept
+    /// here too so that a halted VM's timer can be checked while its VMCS
+    /// is not current.
+    pub tsc_offset: u64,
+}
+
+/// The TPR's byte in the virtual-APIC page (SDM Vol. 3C 30.1.1).
+const VAPIC_TPR: usize = 0x80;
+
+/// The guest's TSC now.
+pub fn guest_tsc(vm: &crate::vm::Vm) -> u64 {
+    rdtsc().wrapping_add(vm.vcpu.tsc_offset)
+}
+
+/// CR8 writes land in the virtual-APIC page without an exit: the model
+/// takes the TPR from there before it decides what to deliver.
+pub fn sync_tpr_from_shadow(vm: &mut crate::vm::Vm) {
+    let tpr = vm.vcpu.vapic.0[VAPIC_TPR];
+    if let Some(lapic) = vm.platform.lapic.as_mut() {
+        lapic.set_tpr(tpr);
+    }
+}
+
+/// After the model's TPR changed (an xAPIC or x2APIC write), CR8 reads
+/// must see it.
+pub fn sync_tpr_to_shadow(vm: &mut crate::vm::Vm) {
+    if let Some(lapic) = vm.platform.lapic.as_ref() {
+        vm.vcpu.vapic.0[VAPIC_TPR] = lapic.tpr();
+    }
+}
+
+/// The guest's CR2 (for an injected #PF): loaded on the next entry.
+pub fn set_cr2(vm: &mut crate::vm::Vm, cr2: u64) {
+    vm.vcpu.regs.cr2 = cr2;
+}
+
+/// The guest's general registers in the order of the instruction encoding
+/// (SDM Vol. 2A 2.1.5, Table 2-2; RSP lives in the VMCS), for the
+/// instruction emulator.
+pub struct RegFile<'a>(pub &'a mut GuestRegs);
+
+impl hvcore::emulate::mmio::Gprs for RegFile<'_> {
+    fn gpr(&self, n: u8) -> u64 {
+        let r = &self.0;
+        match n & 15 {
+            0 => r.rax,
+            1 => r.rcx,
+            2 => r.rdx,
+            3 => r.rbx,
+            4 => crate::vmx::vmcs::read(x86::vmx::vmcs::guest::RSP),
+            5 => r.rbp,
+            6 => r.rsi,
+            7 => r.rdi,
+            8 => r.r8,
+            9 => r.r9,
+            10 => r.r10,
+            11 => r.r11,
+            12 => r.r12,
+            13 => r.r13,
+            14 => r.r14,
+            _ => r.r15,
+        }
+    }
+
+    fn set_gpr(&mut self, n: u8, v: u64) {
+        let r = &mut self.0;
+        let slot = match n & 15 {
+            0 => &mut r.rax,
+            1 => &mut r.rcx,
+            2 => &mut r.rdx,
+            3 => &mut r.rbx,
+            4 => return crate::vmx::vmcs::set(x86::vmx::vmcs::guest::RSP, v),
+            5 => &mut r.rbp,
+            6 => &mut r.rsi,
+            7 => &mut r.rdi,
+            8 => &mut r.r8,
+            9 => &mut r.r9,
+            10 => &mut r.r10,
+            11 => &mut r.r11,
+            12 => &mut r.r12,
+            13 => &mut r.r13,
+            14 => &mut r.r14,
+            _ => &mut r.r15,
+        };
+        *slot = v;
+    }
 }
 
 impl Vcpu {
@@ -143,6 +229,7 @@ impl Vcpu {
             dr6: DR6_INIT,
             msrs: [0; 6],
             vapic: Page::zeroed(),
+            tsc_offset: 0,
         }
     }
 

@@ -7,7 +7,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use hvcore::page_manager::VmId;
 use hvcore::rate_limit::TokenBucket;
-use hvcore::serial_device::SerialDevice;
+use hvcore::platform::Platform;
 use hvcore::vmx::event::ExceptionLoop;
 use hvcore::vmx::exit::reason;
 
@@ -21,11 +21,16 @@ pub const MAX_CHECKS: usize = 256;
 pub const LOG_BURST: u32 = 64;
 pub const LOG_TICKS_PER_LINE: u64 = 1 << 20;
 
+/// The `scenario` of a VM that is not the guest program.
+pub const NO_SCENARIO: u8 = u8::MAX;
+
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
     /// The guest asked to stop (EXIT hypercall) with this code.
     Exited(u64),
+    /// The guest wrote this status to the isa-debug-exit port (0xf4).
+    DebugExit(u32),
     /// The hypervisor stopped it: the cause, for the log.
     Stopped(Cause),
 }
@@ -68,17 +73,39 @@ pub struct Check {
     pub detail: u64,
 }
 
+/// What runs in a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The project's guest program in one of its scenarios.
+    Program { scenario: u8 },
+    /// An unmodified multiboot kernel from a file.
+    Multiboot,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Program { .. } => "program",
+            Kind::Multiboot => "multiboot",
+        }
+    }
+}
+
 pub struct Vm {
     pub name: String,
+    /// What the user called it (the file or scenario name).
+    pub label: String,
+    pub kind: Kind,
+    /// The scenario of a program VM; [`NO_SCENARIO`] for other kinds.
     pub scenario: u8,
     pub id: VmId,
     pub vcpu: Vcpu,
-    pub serial: SerialDevice,
+    /// The devices of its small PC (the UART, debug-exit, fw_cfg, ...).
+    pub platform: Platform,
     pub exits: [u64; reason::COUNT],
     /// Time slices it was given.
     pub slices: u64,
     pub checks: Vec<Check>,
-    pub unknown_ports: u64,
     pub refused_hypercalls: u64,
     /// Host TSC ticks its slices took, exit handling included.
     pub cpu_ticks: u64,
@@ -86,6 +113,14 @@ pub struct Vm {
     pub exception_loop: ExceptionLoop,
     pub end: Option<End>,
     pub dedupe: DedupeProgress,
+    /// It executed HLT and waits for an interrupt (a VM with the virtual
+    /// APIC only); `halted_with_if`: RFLAGS.IF was set then, so a maskable
+    /// interrupt wakes it (else only an NMI).
+    pub halted: bool,
+    pub halted_with_if: bool,
+    /// An NMI that could not be injected yet (blocked): it waits for the
+    /// NMI window.
+    pub nmi_pending: bool,
 }
 
 /// Where a DEDUPE guest is in its test, to measure each phase: EPT
@@ -107,23 +142,31 @@ pub struct DedupeProgress {
 }
 
 impl Vm {
-    pub fn new(name: String, scenario: u8, id: VmId, vcpu: Vcpu) -> Vm {
+    pub fn new(name: String, label: String, kind: Kind, id: VmId, vcpu: Vcpu, platform: Platform) -> Vm {
+        let scenario = match kind {
+            Kind::Program { scenario } => scenario,
+            Kind::Multiboot => NO_SCENARIO,
+        };
         Vm {
             name,
+            label,
+            kind,
             scenario,
             id,
             vcpu,
-            serial: SerialDevice::default(),
+            platform,
             exits: [0; reason::COUNT],
             slices: 0,
             checks: Vec::new(),
-            unknown_ports: 0,
             refused_hypercalls: 0,
             cpu_ticks: 0,
             log_bucket: TokenBucket::new(LOG_BURST, LOG_TICKS_PER_LINE),
             exception_loop: ExceptionLoop::default(),
             end: None,
             dedupe: DedupeProgress::default(),
+            halted: false,
+            halted_with_if: false,
+            nmi_pending: false,
         }
     }
 

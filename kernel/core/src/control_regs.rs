@@ -168,6 +168,34 @@ pub fn check_cr0_write(s: &CrState, new: u64) -> Result<(), Gp> {
     )
 }
 
+/// What a good MOV to CR0 does to the paging mode (SDM Vol. 3A 9.8.5,
+/// 10.8.5 "Initializing IA-32e Mode"): setting PG with EFER.LME activates
+/// IA-32e mode (the processor sets EFER.LMA), clearing it deactivates it;
+/// setting PG with PAE outside IA-32e mode loads the four PDPTEs from CR3
+/// (4.4.1), which under EPT the VMM must put into the VMCS itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagingChange {
+    /// EFER after the write (only LMA can differ).
+    pub efer: u64,
+    /// The "IA-32e mode guest" VM-entry control must equal EFER.LMA.
+    pub ia32e: bool,
+    /// PAE paging starts: load the PDPTEs at CR3.
+    pub load_pdptes: bool,
+}
+
+/// `new` has passed [`check_cr0_write`] against `s`.
+pub fn cr0_paging_change(s: &CrState, new: u64) -> PagingChange {
+    let (was, now) = (has(s.cr0, CR0_PG), has(new, CR0_PG));
+    let mut efer = s.efer;
+    if !was && now && has(efer, EFER_LME) {
+        efer |= EFER_LMA;
+    } else if was && !now {
+        efer &= !EFER_LMA;
+    }
+    let lma = has(efer, EFER_LMA);
+    PagingChange { efer, ia32e: lma, load_pdptes: !was && now && !lma && has(s.cr4, CR4_PAE) }
+}
+
 /// MOV to CR4 with `new` (see [`mov_cr_operand`]); `allowed` is
 /// [`cr4_allowed`]. #GP(0) for: any bit outside `allowed`; clearing PAE
 /// while EFER.LMA; PCIDE 0->1 while CR3[11:0] != 0 or outside IA-32e mode;
@@ -529,7 +557,7 @@ mod tests {
     #[test]
     fn cr4_allowed_from_the_guest_view_never_has_the_forbidden_bits() {
         let host = |_: u32, _: u32| Regs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
-        let view = GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: xcr0_allowed(&host), rdtscp: true, invpcid: true };
+        let view = GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: xcr0_allowed(&host), rdtscp: true, invpcid: true, lapic: false };
         let allowed = cr4_allowed(&|l, s| guest_cpuid(l, s, &host, &view));
         assert_eq!(allowed, CR4_OK); // MCE is hidden from guests, so CR4.MCE too
         let none = cr4_allowed(&|l, s| guest_cpuid(l, s, &host, &GuestView::default()));
@@ -549,7 +577,7 @@ mod tests {
                 if l == 0 { Regs { eax: top, ..r } } else { r }
             };
             let allowed_x = xcr0_allowed(&host);
-            let view = GuestView { cr4_osxsave: true, cr4_pke: pke, xcr0_allowed: allowed_x, rdtscp: true, invpcid: true };
+            let view = GuestView { cr4_osxsave: true, cr4_pke: pke, xcr0_allowed: allowed_x, rdtscp: true, invpcid: true, lapic: false };
             let allowed = cr4_allowed(&|l, s| guest_cpuid(l, s, &host, &view));
             let never = CR4_VMXE | CR4_SMXE | CR4_LA57 | CR4_KL | CR4_CET | CR4_PKS | CR4_UINTR | CR4_MCE | !0xff_ffff;
             prop_assert_eq!(allowed & never, 0);
@@ -559,4 +587,33 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn pg_with_lme_activates_ia32e_mode_and_clearing_it_leaves() {
+        let off = CrState { cr0: CR0_PE | CR0_ET, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LME, cs_long: false };
+        let on = cr0_paging_change(&off, CR0_PE | CR0_ET | CR0_PG);
+        assert_eq!(on, PagingChange { efer: EFER_LME | EFER_LMA, ia32e: true, load_pdptes: false });
+        let in_compat = CrState { cr0: CR0_PE | CR0_PG, efer: EFER_LME | EFER_LMA, ..off };
+        assert_eq!(
+            cr0_paging_change(&in_compat, CR0_PE),
+            PagingChange { efer: EFER_LME, ia32e: false, load_pdptes: false }
+        );
+        // Other bits change nothing about the mode.
+        assert_eq!(cr0_paging_change(&in_compat, CR0_PE | CR0_PG | CR0_WP).efer, EFER_LME | EFER_LMA);
+        assert!(cr0_paging_change(&in_compat, CR0_PE | CR0_PG | CR0_WP).ia32e);
+    }
+
+    #[test]
+    fn pae_paging_without_lme_loads_pdptes_and_plain_paging_does_not() {
+        let pae = CrState { cr0: CR0_PE, cr3: 0x1000, cr4: CR4_PAE, efer: 0, cs_long: false };
+        assert_eq!(cr0_paging_change(&pae, CR0_PE | CR0_PG), PagingChange { efer: 0, ia32e: false, load_pdptes: true });
+        let plain = CrState { cr4: 0, ..pae };
+        assert!(!cr0_paging_change(&plain, CR0_PE | CR0_PG).load_pdptes);
+        // Already paging: nothing to load.
+        let paging = CrState { cr0: CR0_PE | CR0_PG, ..pae };
+        assert!(!cr0_paging_change(&paging, CR0_PE | CR0_PG | CR0_WP).load_pdptes);
+        // Paging off with PAE set: no walk, no PDPTEs, no LMA.
+        assert_eq!(cr0_paging_change(&paging, CR0_PE), PagingChange { efer: 0, ia32e: false, load_pdptes: false });
+    }
+
 }

@@ -1,7 +1,8 @@
 //! What a guest sees of CPUID: a whitelist, per leaf and register, of the
 //! features that work under this hypervisor; every other bit reads as 0.
 //!
-//! The guest is a uniprocessor with no local APIC (yet), no PMU, no MCA or
+//! The guest is a uniprocessor with a local APIC only where its VM has the
+//! virtual one (`devices::lapic`: xAPIC, x2APIC, TSC deadline), no PMU, no MCA or
 //! MTRR MSRs and no MONITOR/MWAIT, and it runs without VMX of its own. A
 //! feature is shown only when the host has it and, where it needs more, when
 //! that is there too: vector features only with their XSAVE components in
@@ -79,6 +80,10 @@ pub struct GuestView {
     pub rdtscp: bool,
     /// The "enable INVPCID" control is on: INVPCID (7.0:EBX[10]) may be shown.
     pub invpcid: bool,
+    /// The VM has the virtual local APIC: APIC (1:EDX[9]), x2APIC
+    /// (1:ECX[21]) and TSC-deadline (1:ECX[24]) are shown, whatever the
+    /// host has (the guest never touches the host's APIC).
+    pub lapic: bool,
 }
 
 /// What, besides the host having it, a whitelisted bit needs to be shown.
@@ -101,6 +106,8 @@ enum Gate {
     Rdtscp,
     /// The "enable INVPCID" VMX control.
     Invpcid,
+    /// The VM's virtual local APIC.
+    Lapic,
 }
 
 /// One bit of a whitelisted register.
@@ -113,7 +120,7 @@ enum Bit {
 }
 
 use Bit::{Host, Set};
-use Gate::{Always, Avx, Avx512, Invpcid, OsPke, OsXsave, Pkru, Rdtscp, Xsave};
+use Gate::{Always, Avx, Avx512, Invpcid, Lapic, OsPke, OsXsave, Pkru, Rdtscp, Xsave};
 
 // The whitelists (SDM Vol. 2A, CPUID, tables 3-8 and 3-10 for the bits).
 
@@ -126,8 +133,10 @@ const LEAF1_ECX: &[Bit] = &[
     Host(17, Always), // PCID
     Host(19, Always), // SSE4.1
     Host(20, Always), // SSE4.2
+    Set(21, Lapic),   // x2APIC
     Host(22, Always), // MOVBE
     Host(23, Always), // POPCNT
+    Set(24, Lapic),   // TSC-deadline timer mode
     Host(25, Always), // AES
     Host(26, Xsave),  // XSAVE
     Set(27, OsXsave), // OSXSAVE: mirrors guest CR4.OSXSAVE
@@ -146,6 +155,7 @@ const LEAF1_EDX: &[Bit] = &[
     Host(5, Always),  // MSR
     Host(6, Always),  // PAE
     Host(8, Always),  // CX8
+    Set(9, Lapic),    // APIC on chip
     Host(11, Always), // SEP (SYSENTER/SYSEXIT)
     Host(13, Always), // PGE
     Host(15, Always), // CMOV
@@ -257,6 +267,7 @@ struct Shown {
     ospke: bool,
     rdtscp: bool,
     invpcid: bool,
+    lapic: bool,
 }
 
 impl Shown {
@@ -273,6 +284,7 @@ impl Shown {
             ospke: false,
             rdtscp: view.rdtscp,
             invpcid: view.invpcid,
+            lapic: view.lapic,
         }
     }
 
@@ -287,6 +299,7 @@ impl Shown {
             OsPke => self.ospke,
             Rdtscp => self.rdtscp,
             Invpcid => self.invpcid,
+            Lapic => self.lapic,
         }
     }
 
@@ -503,7 +516,7 @@ mod tests {
         }
         /// Everything the kernel can turn on, turned on.
         fn full_view(&self) -> GuestView {
-            GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: self.allowed(), rdtscp: true, invpcid: true }
+            GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: self.allowed(), rdtscp: true, invpcid: true, lapic: false }
         }
     }
 
@@ -611,7 +624,7 @@ mod tests {
     }
 
     fn all_view() -> GuestView {
-        GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: u64::MAX, rdtscp: true, invpcid: true }
+        GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: u64::MAX, rdtscp: true, invpcid: true, lapic: false }
     }
 
     // The whitelists as the issue lists them, written out again here so the
@@ -793,6 +806,21 @@ mod tests {
             assert_eq!(l7.edx & (0xfc00_0000 | bits(&[5, 15, 16, 18, 19, 20, 22, 24, 25])), 0);
             assert_eq!(cpu.g(0xd, 1, &v).eax & bits(&[3, 4]), 0); // XSAVES, XFD
             assert_eq!(cpu.g(0x8000_0007, 0, &v).edx, 1 << 8);
+        }
+    }
+
+    #[test]
+    fn the_virtual_lapic_shows_apic_x2apic_and_tsc_deadline_whatever_the_host() {
+        for cpu in [xeon(), skylake_x()] {
+            let v = GuestView { lapic: true, ..cpu.full_view() };
+            let l1 = cpu.g(1, 0, &v);
+            assert_eq!(l1.edx & bits(&[9]), bits(&[9]));
+            assert_eq!(l1.ecx & bits(&[21, 24]), bits(&[21, 24]));
+            // Still no MCE/MTRR/MCA and the rest of the hidden bits.
+            assert_eq!(l1.edx & bits(&[7, 12, 14]), 0);
+            let host_without = cpu.with(1, 0, regs(l1.eax, 0, 0, 0));
+            let l1 = host_without.g(1, 0, &v);
+            assert_eq!((l1.edx & bits(&[9]), l1.ecx & bits(&[21, 24])), (bits(&[9]), bits(&[21, 24])));
         }
     }
 
@@ -1049,7 +1077,7 @@ mod tests {
             leaf in any::<u32>(), subleaf in any::<u32>(),
         ) {
             let host = random_host(seed, top, ext_top);
-            let view = GuestView { cr4_osxsave: osxsave, cr4_pke: pke, xcr0_allowed: xcr0, rdtscp, invpcid };
+            let view = GuestView { cr4_osxsave: osxsave, cr4_pke: pke, xcr0_allowed: xcr0, rdtscp, invpcid, lapic: false };
             let g = |l: u32, s: u32| guest_cpuid(l, s, &host, &view);
             let allowed = xcr0_allowed(&host);
             prop_assert_eq!(allowed & !XCR0_SUPPORTED, 0);

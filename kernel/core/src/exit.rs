@@ -15,6 +15,14 @@ use alloc::string::String;
 /// The marker that starts the last line of every run.
 pub const EXIT_MARKER: &str = "HV-EXIT:";
 
+/// The marker of the line that tells how one VM ended, printed the moment
+/// it ends, alone on its line like [`EXIT_MARKER`]:
+/// `HV-VM: <vm> <label> exited=<code>` (the guest program's EXIT),
+/// `HV-VM: <vm> <label> debug-exit=<status>` (a write of `status` to port
+/// 0xf4, as QEMU's isa-debug-exit) or `HV-VM: <vm> <label> stopped: <cause>`.
+/// Runners such as scripts/kvm-unit-tests.py read it.
+pub const VM_END_MARKER: &str = "HV-VM:";
+
 /// QEMU's `isa-debug-exit` device port (see `boot/`'s QEMU command line).
 pub const QEMU_DEBUG_EXIT_PORT: u16 = 0xf4;
 

@@ -240,7 +240,7 @@ pub mod scenario {
     /// CR3-target count above 4, SDM Vol. 3C 27.2.1.1) so its VM entry
     /// fails; the guest never runs. Proves a failed entry ends only that VM.
     pub const BAD_VMCS: u8 = 7;
-    /// The other emulated exits: IN from an unknown port (0x80) reads all
+    /// The other emulated exits: IN from an unknown port (0x5658) reads all
     /// ones (REPORT 70); RDMSR of an MSR that does not exist raises #GP in
     /// the guest (71); CR4 reads back without VMXE (72); setting CR4.VMXE
     /// raises #GP(0) and leaves CR4 unchanged (73: VMX is hidden from the

@@ -9,7 +9,7 @@ use super::{inject_gp, skip_instruction, Next};
 use crate::hypervisor::Host;
 use crate::vm::{Cause, Vm};
 use crate::vmx::vmcs::{read, set};
-use hvcore::control_regs::{check_cr0_write, check_cr4_write, cr0_value, mov_cr_operand, CrState, CR0_PE, CR0_PG};
+use hvcore::control_regs::{check_cr0_write, check_cr4_write, cr0_paging_change, cr0_value, mov_cr_operand, CrState, CR0_PE, CR0_PG};
 use x86::vmx::vmcs::{control, guest, ro};
 
 pub fn handle(vm: &mut Vm, host: &Host) -> Next {
@@ -29,12 +29,23 @@ pub fn handle(vm: &mut Vm, host: &Host) -> Next {
             }
             // Bits CR0 does not have are ignored, ET reads 1.
             let value = cr0_value(value);
+            let unrestricted = read(control::SECONDARY_PROCBASED_EXEC_CONTROLS) & UNRESTRICTED_GUEST != 0;
             // Without "unrestricted guest" the real CR0 keeps PE and PG.
-            if value & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
+            if !unrestricted && value & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
                 vm.stop(Cause::Unhandled("the guest turned off paging or protection (needs unrestricted guest)".into()));
                 return Next::Ended;
             }
-            set(guest::CR0, caps.fix_cr0(value));
+            let change = cr0_paging_change(&state, value);
+            if change.load_pdptes && !load_pdptes(vm, host, state.cr3) {
+                return Next::Ended;
+            }
+            if change.efer != state.efer {
+                set(guest::IA32_EFER_FULL, change.efer);
+            }
+            let entry = read(control::VMENTRY_CONTROLS);
+            let ia32e = x86::vmx::vmcs::control::EntryControls::IA32E_MODE_GUEST.bits() as u64;
+            set(control::VMENTRY_CONTROLS, if change.ia32e { entry | ia32e } else { entry & !ia32e });
+            set(guest::CR0, if unrestricted { caps.fix_cr0_unrestricted(value) } else { caps.fix_cr0(value) });
             set(control::CR0_READ_SHADOW, value);
         }
         4 => {
@@ -50,6 +61,26 @@ pub fn handle(vm: &mut Vm, host: &Host) -> Next {
         }
     }
     skip_instruction(vm)
+}
+
+/// Secondary processor-based control bit 7 (SDM Vol. 3C 25.6.2).
+const UNRESTRICTED_GUEST: u64 = 1 << 7;
+
+/// PAE paging outside IA-32e mode: the CPU would load the four PDPTEs
+/// from the 32-byte table at CR3 on this MOV to CR0; with EPT, VM entry
+/// takes them from the VMCS (SDM Vol. 3C 27.3.2.4), so they go there.
+/// A table outside the VM's memory stops it.
+fn load_pdptes(vm: &mut Vm, host: &Host, cr3: u64) -> bool {
+    let table = cr3 & 0xffff_ffe0;
+    let mut bytes = [0u8; 32];
+    if host.pm.read_gpa(vm.id, table, &mut bytes).is_err() {
+        vm.stop(Cause::WildAccess(table));
+        return false;
+    }
+    for (i, field) in [guest::PDPTE0_FULL, guest::PDPTE1_FULL, guest::PDPTE2_FULL, guest::PDPTE3_FULL].into_iter().enumerate() {
+        set(field, u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap()));
+    }
+    true
 }
 
 /// A control register as the guest sees it: its own bits from the real

@@ -21,6 +21,9 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
     } else {
         Access::Read
     };
+    if super::apic::claims(vm, gpa) {
+        return super::apic::mmio(vm, host, gpa, q);
+    }
     use hvcore::hypercall::dedupe_layout::{REGION_END, REGION_START};
     if (REGION_START..REGION_END).contains(&gpa) {
         vm.dedupe.region_violations += 1;

@@ -1,10 +1,11 @@
-//! Port I/O (every IN/OUT exits): COM1 is the emulated 16550; any other
-//! port reads as all ones and ignores writes, and is counted.
+//! Port I/O (every IN/OUT exits): the VM's platform (`hvcore::platform`)
+//! answers; a port no device claims reads as all ones, ignores writes and
+//! is counted there.
 
 use super::{skip_instruction, Next};
-use crate::vm::{Cause, Vm};
+use crate::vm::{Cause, End, Vm};
 use crate::vmx::vmcs::read;
-use hvcore::serial_device::SerialDevice;
+use hvcore::platform::IoEffect;
 use hvcore::vmx::IoQual;
 use x86::vmx::vmcs::ro;
 
@@ -15,25 +16,21 @@ pub fn handle(vm: &mut Vm) -> Next {
         return Next::Ended;
     }
     if q.is_in {
-        let value = if SerialDevice::claims(q.port) { vm.serial.read(q.port) as u64 } else { unknown(vm, q.port, "IN from") };
-        vm.vcpu.regs.rax = merge_in(vm.vcpu.regs.rax, value, q.size);
-    } else if SerialDevice::claims(q.port) {
-        if let Some(line) = vm.serial.write(q.port, vm.vcpu.regs.rax as u8) {
-            // The device hands out lines with every byte that is not
-            // printable ASCII escaped; the prefix names the VM.
-            guest_log!(vm, info, "[{}] {}", vm.name, line);
+        let value = vm.platform.io_read(q.port, q.size);
+        vm.vcpu.regs.rax = merge_in(vm.vcpu.regs.rax, value as u64, q.size);
+        return skip_instruction(vm);
+    }
+    match vm.platform.io_write(q.port, q.size, vm.vcpu.regs.rax as u32) {
+        IoEffect::None => {}
+        // The device hands out lines with every byte that is not
+        // printable ASCII escaped; the prefix names the VM.
+        IoEffect::Line(line) => guest_log!(vm, info, "[{}] {}", vm.name, line),
+        IoEffect::Exit(status) => {
+            vm.end = Some(End::DebugExit(status));
+            return Next::Ended;
         }
-    } else {
-        unknown(vm, q.port, "OUT to");
     }
     skip_instruction(vm)
-}
-
-/// An unknown port: reads as all ones.
-fn unknown(vm: &mut Vm, port: u16, what: &str) -> u64 {
-    vm.unknown_ports += 1;
-    log::debug!("{}: {what} unknown port {port:#x}", vm.name);
-    u64::MAX
 }
 
 /// RAX after IN of `size` bytes: an 8- or 16-bit IN leaves the rest of

@@ -5,10 +5,12 @@
 //! handler below or a named stop; an exit reason nobody expected stops
 //! its VM with the reason's name.
 
+mod apic;
 mod cpuid;
-mod cr_access;
+pub mod cr_access;
 mod ept_violation;
 mod exception;
+pub mod interrupts;
 mod io;
 mod msr;
 mod vmcall;
@@ -76,6 +78,10 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
         reason::RDPMC => inject(Event::exception(GP, true), 0),
         reason::GETSEC => inject(Event::exception(UD, false), 0),
         reason::PREEMPTION_TIMER => Next::Yield,
+        // The event that waited goes in at the next entry
+        // (`interrupts::deliver`); the TPR dropped below a pending
+        // interrupt's class: the same.
+        reason::INTERRUPT_WINDOW | reason::NMI_WINDOW | reason::TPR_BELOW_THRESHOLD => Next::Resume,
         reason::EXTERNAL_INTERRUPT => {
             let info = read(ro::VMEXIT_INTERRUPTION_INFO);
             log::debug!("{}: external interrupt, vector {}", vm.name, info & 0xff);
@@ -119,9 +125,15 @@ fn reinject_interrupted_event() {
 /// Ends an instruction the hypervisor emulated, as the CPU would have:
 /// RIP past it, the STI/MOV-SS shadow over (it covered this instruction),
 /// and with RFLAGS.TF a single-step #DB after it (DR6.BS set).
-pub fn skip_instruction(_vm: &mut Vm) -> Next {
+pub fn skip_instruction(vm: &mut Vm) -> Next {
+    advance_rip(vm, read(ro::VMEXIT_INSTRUCTION_LEN))
+}
+
+/// [`skip_instruction`] for an instruction of `len` bytes the exit did not
+/// measure (an EPT violation gives no instruction length).
+pub fn advance_rip(_vm: &mut Vm, len: u64) -> Next {
     let rip = read(guest::RIP);
-    set(guest::RIP, rip + read(ro::VMEXIT_INSTRUCTION_LEN));
+    set(guest::RIP, rip + len);
     let before = read(guest::INTERRUPTIBILITY_STATE) as u32;
     let after = event::after_emulated(before, read(guest::RFLAGS));
     if after.interruptibility != before {
@@ -150,12 +162,20 @@ pub fn inject_gp() -> Next {
     inject(Event::exception(GP, true), 0)
 }
 
-/// HLT (and MWAIT): with interrupts off nothing can ever wake the guest
-/// (no virtual interrupts are delivered yet): it is finished. Otherwise
-/// it idles and the other VMs run.
+/// HLT (and MWAIT). A VM with the virtual APIC sleeps until an interrupt
+/// it accepts or an NMI arrives (SDM Vol. 2A, HLT: "an enabled interrupt
+/// (including NMI ...) will resume execution"); the scheduler skips it
+/// meanwhile and the other VMs run. One
+/// without: with interrupts off nothing can ever wake it, so it is
+/// finished; otherwise it idles and the other VMs run.
 fn halt(vm: &mut Vm, what: &str) -> Next {
     // Resume or a queued single-step #DB: either way the VM stays.
     let _ = skip_instruction(vm);
+    if vm.platform.lapic.is_some() {
+        vm.halted = true;
+        vm.halted_with_if = read(guest::RFLAGS) & (1 << 9) != 0;
+        return Next::Yield;
+    }
     if read(guest::RFLAGS) & (1 << 9) == 0 {
         vm.stop(Cause::Unhandled(alloc::format!("{what} with interrupts disabled: the guest can never wake")));
         return Next::Ended;

@@ -24,9 +24,13 @@ const APIC_BASE_DEFAULT: u64 = 0xfee0_0900;
 
 pub fn read(vm: &mut Vm) -> Next {
     let msr = vm.vcpu.regs.rcx as u32;
-    let value = match msr {
+    let value = match super::apic::rdmsr(vm, msr) {
+        Some(Ok(v)) => v,
+        Some(Err(())) => return inject_gp(),
+        None => match msr {
         // The guest's TSC is the host's plus its offset (SDM Vol. 3C 26.6.5).
-        IA32_TSC => crate::vcpu::rdtsc().wrapping_add(vmread(control::TSC_OFFSET_FULL)),
+        IA32_TSC => crate::vcpu::guest_tsc(vm),
+        // Without the virtual APIC: xAPIC at the default base, as after reset.
         IA32_APIC_BASE => APIC_BASE_DEFAULT,
         IA32_SYSENTER_CS => vmread(guest::IA32_SYSENTER_CS),
         IA32_SYSENTER_ESP => vmread(guest::IA32_SYSENTER_ESP),
@@ -36,6 +40,7 @@ pub fn read(vm: &mut Vm) -> Next {
         IA32_FS_BASE => vmread(guest::FS_BASE),
         IA32_GS_BASE => vmread(guest::GS_BASE),
         _ => return unknown(vm, "RDMSR", msr),
+        },
     };
     vm.vcpu.regs.rax = value & 0xffff_ffff;
     vm.vcpu.regs.rdx = value >> 32;
@@ -45,15 +50,21 @@ pub fn read(vm: &mut Vm) -> Next {
 pub fn write(vm: &mut Vm, host: &Host) -> Next {
     let msr = vm.vcpu.regs.rcx as u32;
     let value = (vm.vcpu.regs.rdx << 32) | (vm.vcpu.regs.rax & 0xffff_ffff);
+    match super::apic::wrmsr(vm, msr, value) {
+        Some(Ok(())) => return skip_instruction(vm),
+        Some(Err(())) => return inject_gp(),
+        None => {}
+    }
     let field = match msr {
         IA32_TSC => {
-            vmset(control::TSC_OFFSET_FULL, value.wrapping_sub(crate::vcpu::rdtsc()));
+            vm.vcpu.tsc_offset = value.wrapping_sub(crate::vcpu::rdtsc());
+            vmset(control::TSC_OFFSET_FULL, vm.vcpu.tsc_offset);
             return skip_instruction(vm);
         }
         IA32_EFER => {
             // SCE and NXE only where CPUID shows them (0x8000_0001:EDX bits
             // 11, 20); LME/LMA are checked against paging (SDM Vol. 3A 2.2.1).
-            let shown = hvcore::cpuid::guest_cpuid(0x8000_0001, 0, &crate::vcpu::host_cpuid, &host.guest_view(0));
+            let shown = hvcore::cpuid::guest_cpuid(0x8000_0001, 0, &crate::vcpu::host_cpuid, &host.guest_view(0, false));
             let (syscall, nx) = (shown.edx & (1 << 11) != 0, shown.edx & (1 << 20) != 0);
             let Ok(efer) = check_efer_write(&super::cr_access::cr_state(), value, nx, syscall) else {
                 return inject_gp();

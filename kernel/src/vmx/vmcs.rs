@@ -88,9 +88,20 @@ impl Drop for Vmcs {
     }
 }
 
+/// How a vCPU starts.
+pub enum Start<'a> {
+    /// The project's guest program: already in 64-bit mode, with the
+    /// tables `hvcore::guest_boot` built.
+    Long64(&'a BootState),
+    /// A multiboot kernel: 32-bit protected mode with paging off, flat
+    /// segments, EAX = the loader's magic, EBX = the info structure
+    /// (Multiboot 0.6.96, 3.2 "Machine state"). Needs unrestricted guest.
+    Protected32 { eip: u32 },
+}
+
 pub struct Setup<'a> {
     pub caps: &'a VmxCaps,
-    pub boot: &'a BootState,
+    pub start: Start<'a>,
     pub eptp: u64,
     pub vpid: Option<u16>,
     pub msr_bitmap: u64,
@@ -134,9 +145,13 @@ fn controls(s: &Setup<'_>) -> Result<(), String> {
         write(f, v as u64).map_err(field)
     };
 
-    // NMIs exit: the host's NMI never reaches a guest's IDT.
+    // NMIs exit: the host's NMI never reaches a guest's IDT. Virtual NMIs:
+    // the CPU tracks the guest's NMI blocking (until its IRET) for the
+    // NMIs we inject, and NMI-window exiting becomes available (SDM Vol.
+    // 3C 25.6.1, 26.7.5).
     let pin = PinbasedControls::EXTERNAL_INTERRUPT_EXITING
         | PinbasedControls::NMI_EXITING
+        | PinbasedControls::VIRTUAL_NMIS
         | PinbasedControls::VMX_PREEMPTION_TIMER;
     set(control::PINBASED_EXEC_CONTROLS, "pin-based", c.pinbased, pin.bits())?;
 
@@ -155,6 +170,10 @@ fn controls(s: &Setup<'_>) -> Result<(), String> {
     set(control::PRIMARY_PROCBASED_EXEC_CONTROLS, "primary processor-based", c.procbased, primary.bits())?;
 
     let mut secondary = SecondaryControls::ENABLE_EPT | optional_secondary(c);
+    if matches!(s.start, Start::Protected32 { .. }) {
+        // Paging off in VMX non-root operation (SDM Vol. 3C 26.6.2).
+        secondary |= SecondaryControls::UNRESTRICTED_GUEST;
+    }
     if s.vpid.is_some() {
         secondary |= SecondaryControls::ENABLE_VPID;
     }
@@ -174,10 +193,12 @@ fn controls(s: &Setup<'_>) -> Result<(), String> {
         exit |= ExitControls::SAVE_VMX_PREEMPTION_TIMER;
     }
     set(control::VMEXIT_CONTROLS, "VM-exit", c.exit, exit.bits())?;
-    let entry = EntryControls::IA32E_MODE_GUEST
-        | EntryControls::LOAD_DEBUG_CONTROLS
+    let mut entry = EntryControls::LOAD_DEBUG_CONTROLS
         | EntryControls::LOAD_IA32_PAT
         | EntryControls::LOAD_IA32_EFER;
+    if matches!(s.start, Start::Long64(_)) {
+        entry |= EntryControls::IA32E_MODE_GUEST;
+    }
     set(control::VMENTRY_CONTROLS, "VM-entry", c.entry, entry.bits())?;
 
     let mut fields = [
@@ -193,8 +214,8 @@ fn controls(s: &Setup<'_>) -> Result<(), String> {
         // exits and gets its #GP (`exits::cr_access`).
         (control::CR0_GUEST_HOST_MASK, c.cr0_fixed.0 | !c.cr0_fixed.1),
         (control::CR4_GUEST_HOST_MASK, cr4_mask(c, s.cr4_allowed)),
-        (control::CR0_READ_SHADOW, s.boot.cr0),
-        (control::CR4_READ_SHADOW, s.boot.cr4),
+        (control::CR0_READ_SHADOW, s.initial().cr0),
+        (control::CR4_READ_SHADOW, s.initial().cr4),
         (control::CR3_TARGET_COUNT, 0),
     ]
     .to_vec();
@@ -244,9 +265,71 @@ fn host_state() -> Result<(), FieldError> {
 /// for LDTR; the others come from the boot protocol (`hvcore::guest_boot`).
 const AR_UNUSABLE: u64 = 1 << 16;
 
+/// The first guest state of a vCPU, whatever its kind.
+pub struct Initial {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub rip: u64,
+    pub rsp: u64,
+    /// CS, the data segments and TR: (selector, limit, access rights);
+    /// every base is 0.
+    pub code: (u16, u32, u32),
+    pub data: (u16, u32, u32),
+    pub tr: (u16, u64, u32, u32),
+    pub gdt: (u64, u16),
+}
+
+/// CR0 of a multiboot entry: PE and ET (bit 4 reads 1 on every CPU since
+/// the 486), paging off.
+const CR0_PE_ET: u64 = 0x11;
+/// Flat 4 GiB 32-bit segments: code execute/read accessed (type 11), data
+/// read/write accessed (type 3), present, DPL 0, D/B and G set; a busy
+/// 32-bit TSS (type 11) for TR, which VM entry requires to be usable
+/// (SDM Vol. 3C 27.3.1.2) even though no task switch will use it.
+const CODE32_AR: u32 = 0xC09B;
+const DATA32_AR: u32 = 0xC093;
+const TSS32_BUSY_AR: u32 = 0x008B;
+
+impl Setup<'_> {
+    pub fn initial(&self) -> Initial {
+        match self.start {
+            Start::Long64(b) => Initial {
+                cr0: b.cr0,
+                cr3: b.cr3,
+                cr4: b.cr4,
+                efer: b.efer,
+                rip: b.rip,
+                rsp: b.rsp,
+                code: (b.code_selector, 0xffff_ffff, boot::CODE_ACCESS_RIGHTS),
+                data: (b.data_selector, 0xffff_ffff, boot::DATA_ACCESS_RIGHTS),
+                tr: (b.tss_selector, b.tss_base, boot::TSS_LIMIT, boot::TSS_ACCESS_RIGHTS),
+                gdt: (b.gdt_base, b.gdt_limit),
+            },
+            Start::Protected32 { eip } => Initial {
+                cr0: CR0_PE_ET,
+                cr3: 0,
+                cr4: 0,
+                efer: 0,
+                rip: eip as u64,
+                rsp: 0,
+                code: (0x10, 0xffff_ffff, CODE32_AR),
+                data: (0x18, 0xffff_ffff, DATA32_AR),
+                tr: (0, 0, 0xffff, TSS32_BUSY_AR),
+                gdt: (0, 0),
+            },
+        }
+    }
+}
+
 fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
-    let b = s.boot;
-    write(guest::CR0, s.caps.fix_cr0(b.cr0))?;
+    let b = s.initial();
+    let cr0 = match s.start {
+        Start::Long64(_) => s.caps.fix_cr0(b.cr0),
+        Start::Protected32 { .. } => s.caps.fix_cr0_unrestricted(b.cr0),
+    };
+    write(guest::CR0, cr0)?;
     write(guest::CR3, b.cr3)?;
     write(guest::CR4, s.caps.fix_cr4(b.cr4))?;
     write(guest::DR7, 0x400)?;
@@ -255,10 +338,10 @@ fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
     write(guest::RFLAGS, boot::INITIAL_RFLAGS)?;
     write(guest::IA32_EFER_FULL, b.efer)?;
 
-    write(guest::CS_SELECTOR, b.code_selector as u64)?;
+    write(guest::CS_SELECTOR, b.code.0 as u64)?;
     write(guest::CS_BASE, 0)?;
-    write(guest::CS_LIMIT, 0xffff_ffff)?;
-    write(guest::CS_ACCESS_RIGHTS, boot::CODE_ACCESS_RIGHTS as u64)?;
+    write(guest::CS_LIMIT, b.code.1 as u64)?;
+    write(guest::CS_ACCESS_RIGHTS, b.code.2 as u64)?;
     for (sel, base, limit, ar) in [
         (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
         (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
@@ -266,21 +349,21 @@ fn guest_state(s: &Setup<'_>) -> Result<(), FieldError> {
         (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
         (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
     ] {
-        write(sel, b.data_selector as u64)?;
+        write(sel, b.data.0 as u64)?;
         write(base, 0)?;
-        write(limit, 0xffff_ffff)?;
-        write(ar, boot::DATA_ACCESS_RIGHTS as u64)?;
+        write(limit, b.data.1 as u64)?;
+        write(ar, b.data.2 as u64)?;
     }
-    write(guest::TR_SELECTOR, b.tss_selector as u64)?;
-    write(guest::TR_BASE, b.tss_base)?;
-    write(guest::TR_LIMIT, boot::TSS_LIMIT as u64)?;
-    write(guest::TR_ACCESS_RIGHTS, boot::TSS_ACCESS_RIGHTS as u64)?;
+    write(guest::TR_SELECTOR, b.tr.0 as u64)?;
+    write(guest::TR_BASE, b.tr.1)?;
+    write(guest::TR_LIMIT, b.tr.2 as u64)?;
+    write(guest::TR_ACCESS_RIGHTS, b.tr.3 as u64)?;
     write(guest::LDTR_SELECTOR, 0)?;
     write(guest::LDTR_BASE, 0)?;
     write(guest::LDTR_LIMIT, 0)?;
     write(guest::LDTR_ACCESS_RIGHTS, AR_UNUSABLE)?;
-    write(guest::GDTR_BASE, b.gdt_base)?;
-    write(guest::GDTR_LIMIT, b.gdt_limit as u64)?;
+    write(guest::GDTR_BASE, b.gdt.0)?;
+    write(guest::GDTR_LIMIT, b.gdt.1 as u64)?;
     write(guest::IDTR_BASE, 0)?;
     write(guest::IDTR_LIMIT, 0)?;
 

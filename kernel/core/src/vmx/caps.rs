@@ -205,6 +205,12 @@ impl VmxCaps {
     pub fn fix_cr0(&self, cr0: u64) -> u64 {
         (cr0 | self.cr0_fixed.0) & self.cr0_fixed.1
     }
+    /// CR0 under "unrestricted guest": PE and PG are the guest's own
+    /// (SDM Vol. 3C 26.6.2, A.7), the other fixed bits still apply.
+    pub fn fix_cr0_unrestricted(&self, cr0: u64) -> u64 {
+        const PE_PG: u64 = (1 << 0) | (1 << 31);
+        (cr0 | (self.cr0_fixed.0 & !PE_PG)) & self.cr0_fixed.1
+    }
     pub fn fix_cr4(&self, cr4: u64) -> u64 {
         (cr4 | self.cr4_fixed.0) & self.cr4_fixed.1
     }
@@ -262,6 +268,18 @@ mod tests {
         // CR0.NE is fixed to 1 (the bootloader leaves it clear: FACTS.md).
         assert_eq!(c.fix_cr0(0x8000_0011) & (1 << 5), 1 << 5);
         assert_eq!(c.fix_cr4(0x20) & 0x2000, 0x2000);
+        assert!(c.has_unrestricted_guest());
+        // Unrestricted: a multiboot entry's CR0 (PE|ET) keeps paging off
+        // but still gets NE; PG and PE are the guest's.
+        assert_eq!(c.fix_cr0_unrestricted(0x11), 0x31);
+        assert_eq!(c.fix_cr0_unrestricted(0x10), 0x30);
+        assert_eq!(c.fix_cr0_unrestricted(0x8000_0011), 0x8000_0031);
+    }
+
+    #[test]
+    fn no_unrestricted_guest_without_the_secondary_bit() {
+        let c = VmxCaps::read(|m| if m == msr::PROCBASED2 { 0x0017_7fff_0000_0000 & !(1 << 39) } else { skylake(m) });
+        assert!(!c.has_unrestricted_guest());
     }
 
     #[test]

@@ -33,6 +33,16 @@ impl Event {
         Event { vector, kind: kind::HARDWARE_EXCEPTION, error_code }
     }
 
+    /// A maskable external interrupt with `vector` (from the virtual APIC).
+    pub const fn external(vector: u8) -> Event {
+        Event { vector, kind: kind::EXTERNAL_INTERRUPT, error_code: false }
+    }
+
+    /// The NMI (always vector 2: SDM 27.2.1.3 requires it).
+    pub const fn nmi() -> Event {
+        Event { vector: 2, kind: kind::NMI, error_code: false }
+    }
+
     /// The event in a valid information field, if it is one.
     pub fn decode(info: u32) -> Option<Event> {
         (info & VALID != 0).then_some(Event {
@@ -146,6 +156,16 @@ impl ExceptionLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn external_interrupts_and_the_nmi_encode_as_the_sdm_says() {
+        // 25.8.3: vector 7:0, type 10:8 (0 external, 2 NMI), valid 31.
+        assert_eq!(Event::external(0x20).encode(), 0x8000_0020);
+        assert_eq!(Event::external(0xff).encode(), 0x8000_00ff);
+        assert_eq!(Event::nmi().encode(), 0x8000_0202);
+        assert!(!Event::external(0x30).needs_instruction_length());
+        assert_eq!(Event::decode(0x8000_0202), Some(Event::nmi()));
+    }
 
     #[test]
     fn event_information_round_trips() {

@@ -8,6 +8,8 @@ pub mod reason {
     pub const TRIPLE_FAULT: u16 = 2;
     pub const INIT_SIGNAL: u16 = 3;
     pub const STARTUP_IPI: u16 = 4;
+    pub const INTERRUPT_WINDOW: u16 = 7;
+    pub const NMI_WINDOW: u16 = 8;
     pub const TASK_SWITCH: u16 = 9;
     pub const CPUID: u16 = 10;
     pub const GETSEC: u16 = 11;
@@ -26,6 +28,7 @@ pub mod reason {
     pub const MWAIT: u16 = 36;
     pub const MONITOR: u16 = 39;
     pub const ENTRY_FAIL_MACHINE_CHECK: u16 = 41;
+    pub const TPR_BELOW_THRESHOLD: u16 = 43;
     pub const EPT_VIOLATION: u16 = 48;
     pub const EPT_MISCONFIG: u16 = 49;
     pub const INVEPT: u16 = 50;
