@@ -440,11 +440,6 @@ impl Hypervisor {
     /// statistics; true when every VM ended the way its kind expects.
     pub fn report(&mut self) -> bool {
         log::info!("== run report ==");
-        for vm in &mut self.vms {
-            if let Some(line) = vm.platform.uart.take_partial() {
-                log::info!("[{}] {}", vm.name, line);
-            }
-        }
         log::info!("{:<5} {:<14} {:<9} {:<4} {:>8} {:>20}  ENDED", "VM", "NAME", "KIND", "OK", "EXITS", "FRAMES HELD/PEAK/MAX");
         let mut all_ok = true;
         for vm in &self.vms {
@@ -517,8 +512,12 @@ impl Hypervisor {
     }
 }
 
-/// The `HV-VM:` line of a VM that just ended (`hvcore::exit::VM_END_MARKER`).
-fn announce_end(vm: &Vm) {
+/// The `HV-VM:` line of a VM that just ended (`hvcore::exit::VM_END_MARKER`),
+/// after what its UART still held of an unfinished line.
+fn announce_end(vm: &mut Vm) {
+    if let Some(line) = vm.platform.uart.take_partial() {
+        log::info!("[{}] {}", vm.name, line);
+    }
     let how = match &vm.end {
         Some(End::Exited(code)) => format!("exited={code}"),
         Some(End::DebugExit(status)) => format!("debug-exit={status}"),

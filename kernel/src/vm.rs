@@ -20,6 +20,11 @@ pub const MAX_CHECKS: usize = 256;
 /// prints without end would otherwise take the CPU from the other VMs.
 pub const LOG_BURST: u32 = 64;
 pub const LOG_TICKS_PER_LINE: u64 = 1 << 20;
+/// An unmodified guest's serial console is its output (kvm-unit-tests
+/// print a line per check, a few hundred at most): a larger burst and a
+/// faster refill, still bounded.
+pub const CONSOLE_LOG_BURST: u32 = 1024;
+pub const CONSOLE_LOG_TICKS_PER_LINE: u64 = 1 << 18;
 
 /// The `scenario` of a VM that is not the guest program.
 pub const NO_SCENARIO: u8 = u8::MAX;
@@ -160,7 +165,10 @@ impl Vm {
             checks: Vec::new(),
             refused_hypercalls: 0,
             cpu_ticks: 0,
-            log_bucket: TokenBucket::new(LOG_BURST, LOG_TICKS_PER_LINE),
+            log_bucket: match kind {
+                Kind::Program { .. } => TokenBucket::new(LOG_BURST, LOG_TICKS_PER_LINE),
+                Kind::Multiboot => TokenBucket::new(CONSOLE_LOG_BURST, CONSOLE_LOG_TICKS_PER_LINE),
+            },
             exception_loop: ExceptionLoop::default(),
             end: None,
             dedupe: DedupeProgress::default(),

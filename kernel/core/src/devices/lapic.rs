@@ -599,12 +599,7 @@ impl Lapic {
     fn timer_interrupt(&mut self) {
         let lvt = self.lvt[LVT_TIMER];
         if lvt & LVT_MASKED == 0 {
-            let vector = lvt as u8;
-            if vector < 16 {
-                self.error(esr::RECEIVE_ILLEGAL_VECTOR);
-            } else {
-                self.accept_fixed(vector);
-            }
+            self.accept_fixed(lvt as u8);
         }
     }
 
@@ -672,7 +667,8 @@ impl Lapic {
     /// future fires at once.
     pub fn set_tsc_deadline(&mut self, value: u64, now: u64) {
         self.poll(now);
-        if self.mode == Mode::Disabled || self.timer_mode() != LVT_TIMER_TSC_DEADLINE {
+        // (A disabled APIC's timer is in one-shot mode.)
+        if self.timer_mode() != LVT_TIMER_TSC_DEADLINE {
             return;
         }
         self.tsc_deadline = value;
