@@ -1,5 +1,5 @@
 //! Links the guest as a static, non-PIE executable at 0x20_0000 (see
-//! linker.ld): `hvcore::guest_boot` loads `ET_EXEC` images only, at their
+//! linker.ld): `hvcore::loader::program` loads `ET_EXEC` images only, at their
 //! link addresses, without relocating them.
 //!
 //! rustc links `x86_64-unknown-none` binaries as static PIEs (`-pie`);

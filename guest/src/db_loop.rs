@@ -11,7 +11,7 @@ use crate::idt::{self, Frame};
 use core::arch::asm;
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use hvcore::guest_boot::TSS_BASE;
+use hvcore::loader::program::TSS_BASE;
 use hvcore::hypercall::check;
 
 /// IST1's slot in the 64-bit TSS (SDM Vol. 3A 8.7, Figure 8-11).

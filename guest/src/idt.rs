@@ -4,7 +4,7 @@
 
 use core::arch::asm;
 use core::ptr::addr_of_mut;
-use hvcore::guest_boot::CODE_SELECTOR;
+use hvcore::loader::program::CODE_SELECTOR;
 
 /// What the CPU pushes on an interrupt in long mode.
 #[repr(C)]

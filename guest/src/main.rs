@@ -1,6 +1,6 @@
 //! The guest program the hypervisor runs.
 //!
-//! `hvcore::guest_boot` loads it at 2 MiB and enters [`_start`] in 64-bit
+//! `hvcore::loader::program` loads it at 2 MiB and enters [`_start`] in 64-bit
 //! mode with paging on (the first GiB identity-mapped), RSP at the top of
 //! the boot stack and RDI = `scenario | (vm_index << 8)` (see
 //! `hvcore::hypercall::guest_arg`). It talks over the serial port (COM1,

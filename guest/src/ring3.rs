@@ -15,7 +15,7 @@ use crate::trap::Fault;
 use core::arch::{asm, global_asm};
 use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use hvcore::guest_boot::{tss_descriptor, GDT_CODE, GDT_DATA, PDPT_BASE, PD_BASE, PML4_BASE, TSS_SIZE};
+use hvcore::loader::program::{tss_descriptor, GDT_CODE, GDT_DATA, PDPT_BASE, PD_BASE, PML4_BASE, TSS_SIZE};
 use hvcore::hypercall::{self as hc, check};
 
 const KERNEL_CS: u64 = 0x08;

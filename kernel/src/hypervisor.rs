@@ -262,7 +262,7 @@ impl Hypervisor {
                     .and_then(|()| pm.add_slot(id, MERGEABLE_START, GUEST_MEMORY - MERGEABLE_START, true))
                     .map_err(|e| format!("memory slot: {e:?}"))?;
                 let arg = guest_arg(*scn, index as u8);
-                boot = hvcore::guest_boot::load(elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
+                boot = hvcore::loader::program::load(elf, GUEST_MEMORY, arg, &mut |gpa, bytes| {
                     pm.write_gpa(id, gpa, bytes).map_err(|_| ())
                 })
                 .map_err(|e| format!("{e}"))?;

@@ -251,7 +251,7 @@ mod tests {
     use crate::cpuid::{guest_cpuid, xcr0_allowed, GuestView};
     use proptest::prelude::*;
 
-    /// A 64-bit guest as guest_boot leaves it: CR0 = PE|MP|ET|NE|WP|PG,
+    /// A 64-bit guest as loader::program leaves it: CR0 = PE|MP|ET|NE|WP|PG,
     /// CR4 = PAE, EFER = LME|LMA, CS.L.
     const LONG: CrState = CrState { cr0: 0x8001_0033, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LME | EFER_LMA, cs_long: true };
     /// The same in compatibility mode.

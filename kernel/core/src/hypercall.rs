@@ -28,7 +28,7 @@
 //! | 4  | [`EXIT`]          | rdi = exit code (0 = success)                      | does not return        |
 //! | 5  | [`DEDUPE_STATUS`] | none                                               | 1 when the hypervisor's dedupe scan has converged, else 0 |
 //!
-//! The guest identity-maps its memory (see [`crate::guest_boot`]), so the
+//! The guest identity-maps its memory (see [`crate::loader::program`]), so the
 //! pointer handed to `PRINT` is both virtual and guest-physical. Whether
 //! the range lies inside the VM's memory is checked by the hypervisor when
 //! it reads it (an out-of-range `PRINT` also returns [`ERROR`]); [`decode`]

@@ -18,7 +18,6 @@ pub mod emulate;
 pub mod ept;
 pub mod exit;
 pub mod frame;
-pub mod guest_boot;
 pub mod heap_stats;
 pub mod hypercall;
 pub mod loader;

@@ -5,7 +5,7 @@ use crate::memory::Page;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
-use hvcore::guest_boot::{self as boot, BootState};
+use hvcore::loader::program::{self as boot, BootState};
 use hvcore::vmx::caps::adjust_controls;
 use hvcore::vmx::VmxCaps;
 use x86::bits64::vmx;
@@ -91,7 +91,7 @@ impl Drop for Vmcs {
 /// How a vCPU starts.
 pub enum Start<'a> {
     /// The project's guest program: already in 64-bit mode, with the
-    /// tables `hvcore::guest_boot` built.
+    /// tables `hvcore::loader::program` built.
     Long64(&'a BootState),
     /// A multiboot kernel: 32-bit protected mode with paging off, flat
     /// segments, EAX = the loader's magic, EBX = the info structure
@@ -262,7 +262,7 @@ fn host_state() -> Result<(), FieldError> {
 }
 
 /// The "unusable" bit of a segment's access rights (SDM Vol. 3C 25.4.1),
-/// for LDTR; the others come from the boot protocol (`hvcore::guest_boot`).
+/// for LDTR; the others come from the boot protocol (`hvcore::loader::program`).
 const AR_UNUSABLE: u64 = 1 << 16;
 
 /// The first guest state of a vCPU, whatever its kind.

@@ -770,14 +770,14 @@ impl Lapic {
             0x100..=0x270 => return Err(WriteError::ReadOnly),
             reg::APR | reg::RRD if !x2 => return Err(WriteError::ReadOnly),
             reg::TPR => (0xFF, 0),
-            reg::EOI | reg::ESR if x2 => (0, 0), // only 0 may be written
-            reg::EOI | reg::ESR => (0, 0xFFFF_FFFF),
+            // x2APIC: only 0 may be written; xAPIC: the value is ignored.
+            reg::EOI | reg::ESR => (0, 0),
             reg::SVR => (u64::from(SVR_WRITABLE), 0),
-            reg::ICR if x2 => (
+            // Bits 63:32 are the x2APIC destination (an xAPIC write has none).
+            reg::ICR => (
                 0xFFFF_FFFF_0000_0000 | u64::from(ICR_WRITABLE),
                 u64::from(ICR_BUSY),
             ),
-            reg::ICR => (u64::from(ICR_WRITABLE), u64::from(ICR_BUSY)),
             reg::ICR2 if !x2 => (0xFF00_0000, 0),
             0x320..=0x370 => {
                 let i = ((off - reg::LVT_TIMER) >> 4) as usize;
@@ -1405,6 +1405,8 @@ mod tests {
         l.mmio_write(reg::VERSION, 0, 0);
         l.mmio_write(reg::PPR, 0xFF, 0);
         l.mmio_write(reg::IRR, 0xFFFF_FFFF, 0);
+        l.mmio_write(reg::APR, 0xFF, 0);
+        l.mmio_write(reg::RRD, 0xFF, 0);
         assert_eq!(esr(&mut l), 0);
         assert_eq!(l.mmio_read(reg::VERSION, 0), 0x0005_0014);
         assert!(irr_empty(&l));
@@ -1549,12 +1551,14 @@ mod tests {
 
     #[test]
     fn divide_change_mid_count_keeps_the_count() {
-        let mut l = one_shot(DIV1, 100, 0);
-        assert_eq!(l.mmio_read(reg::TIMER_CURRENT, 40), 60);
-        l.mmio_write(reg::TIMER_DIVIDE, 0x0, 40); // divide by 2
-        assert_eq!(l.mmio_read(reg::TIMER_CURRENT, 40), 60);
-        assert_eq!(l.mmio_read(reg::TIMER_CURRENT, 60), 50);
-        assert_eq!(l.next_deadline(), Some(40 + 60 * 2));
+        let mut l = one_shot(0x0, 100, 0); // divide by 2
+        assert_eq!(l.mmio_read(reg::TIMER_CURRENT, 81), 60);
+        l.mmio_write(reg::TIMER_DIVIDE, 0x2, 81); // divide by 8, from tick 40 (TSC 80)
+        assert_eq!(l.mmio_read(reg::TIMER_CURRENT, 81), 60);
+        assert_eq!(l.mmio_read(reg::TIMER_CURRENT, 80 + 8 * 10), 50);
+        assert_eq!(l.next_deadline(), Some(80 + 60 * 8));
+        l.mmio_write(reg::TIMER_DIVIDE, 0xB, 80 + 8 * 10 + 3); // divide by 1
+        assert_eq!(l.next_deadline(), Some(160 + 50));
     }
 
     #[test]

@@ -419,10 +419,7 @@ mod tests {
         let m = mem32(0x7, 0x3);
         assert_eq!(m.walk(PG, CR4_SMEP, 0, 0x1000, 0x0040_3000, X), Ok(0x7000));
         // The fault address is the 32-bit linear address.
-        assert_eq!(
-            m.walk(PG, 0, 0, 0x1000, 0xFFFF_0000_0040_3000, UR),
-            pf(PF_PRESENT | PF_USER, 0x0040_3000)
-        );
+        assert_eq!(m.walk(PG, 0, 0, 0x1000, 0xFFFF_0000_0040_3000, UR), pf(PF_PRESENT | PF_USER, 0x0040_3000));
     }
 
     #[test]
@@ -460,7 +457,10 @@ mod tests {
         assert_eq!(m.walk(PG, CR4_PAE, 0, 0x1020, 0xC040_5123, W), pf(PF_WRITE, 0xC040_5123));
         // Rights and their fault address (32 bits) in PAE mode.
         let m = mem_pae(P, P | RW | US, P | RW);
-        assert_eq!(m.walk(PG, CR4_PAE, 0, 0x1020, 0xFFFF_FFFF_0000_0000 | PAE_LA, UR), pf(PF_PRESENT | PF_USER, PAE_LA));
+        assert_eq!(
+            m.walk(PG, CR4_PAE, 0, 0x1020, 0xFFFF_FFFF_0000_0000 | PAE_LA, UR),
+            pf(PF_PRESENT | PF_USER, PAE_LA)
+        );
         let m = mem_pae(P, P | US, P | RW | US);
         assert_eq!(m.walk(PG | WP, CR4_PAE, 0, 0x1020, PAE_LA, W), pf(PF_PRESENT | PF_WRITE, PAE_LA));
         // PDPTE reserved bits: 1, 2, 5..8, 63 (it has no rights bits).

@@ -1,4 +1,7 @@
 //! Guest loaders: what puts a guest image into a VM's memory and says
-//! how its vCPU starts.
+//! how its vCPU starts: `program` for the project's own 64-bit guest
+//! program (it builds the guest's GDT, TSS and page tables itself),
+//! `multiboot` for unmodified multiboot v1 kernels.
 
 pub mod multiboot;
+pub mod program;

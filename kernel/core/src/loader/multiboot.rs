@@ -986,6 +986,8 @@ mod tests {
         assert_eq!(refuse(&patched(6, &[0])), LoadError::BadVersion);
         assert_eq!(refuse(&patched(20, &[2])), LoadError::BadVersion);
         assert_eq!(refuse(&patched(16, &[3, 0])), LoadError::NotExecutable { e_type: 3 });
+        assert_eq!(refuse(&patched(16, &[2, 1])), LoadError::NotExecutable { e_type: 0x102 });
+        assert_eq!(refuse(&patched(18, &[3, 1])), LoadError::WrongMachine { e_machine: 0x103 });
         assert_eq!(refuse(&patched(18, &[62, 0])), LoadError::WrongMachine { e_machine: 62 });
         assert_eq!(refuse(&patched(42, &[31, 0])), LoadError::BadProgramHeaderSize { size: 31 });
         assert_eq!(refuse(&patched(44, &[65, 0])), LoadError::TooManyProgramHeaders { count: 65 });
