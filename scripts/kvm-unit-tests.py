@@ -390,7 +390,9 @@ def ours_exclusion(test):
 
 # --- serial log of a boot -----------------------------------------------------
 
-GUEST_RE = re.compile(r"^\[vm([0-9]{1,6})\] ?(.*)$")
+# The kernel logs a guest's line as `[INFO ] [vm<N>] text` (the log level
+# first); the prefix up to `[vm<N>] ` is the kernel's, the rest escaped.
+GUEST_RE = re.compile(r"^(?:\[INFO \] )?\[vm([0-9]{1,6})\] ?(.*)$")
 END_RE = re.compile(r"^HV-VM: vm([0-9]{1,6}) (\S+) (?:debug-exit=([0-9]{1,20})|stopped: (.*))$")
 
 
@@ -399,7 +401,7 @@ def parse_serial(text):
 
     Returns {"out": {N: [lines]}, "ends": {label: (N, kind, value)}, "notes":
     [...]} where kind is "exit" (value: int) or "stopped" (value: cause).
-    Only lines that start with `[vm<N>] ` are guest output (the hypervisor
+    Only lines that start with `[INFO ] [vm<N>] ` are guest output (the hypervisor
     escapes what a guest writes, so a guest cannot start a line) and only
     lines that start with `HV-VM: ` are ends; the first end of a label counts.
     """
@@ -1028,14 +1030,14 @@ file = c.flat
 
 SAMPLE_SERIAL = (
     "INFO : bootloader line\n"
-    "[INFO ] [vm0] guest: not guest output, a log line\n"
-    "[vm0] enabling apic\r\n"
-    "[vm1] hello\n"
-    "[vm0] PASS: thing\n"
-    "[vm0] SUMMARY: 3 tests\n"
-    "[vm1] HV-VM: vm1 b debug-exit=0\n"          # forged by a guest: output
-    "[vm1] bytes \\x1b[0m kept\n"
-    "[vm2] \n"
+    "[INFO ] vm0: refused hypercall: not guest output, a log line\n"
+    "[INFO ] [vm0] enabling apic\r\n"
+    "[INFO ] [vm1] hello\n"
+    "[INFO ] [vm0] PASS: thing\n"
+    "[INFO ] [vm0] SUMMARY: 3 tests\n"
+    "[INFO ] [vm1] HV-VM: vm1 b debug-exit=0\n"          # forged by a guest: output
+    "[INFO ] [vm1] bytes \\x1b[0m kept\n"
+    "[INFO ] [vm2] \n"
     "HV-VM: vm0 a debug-exit=0\n"
     "HV-VM: vm1 b debug-exit=1\n"
     "HV-VM: vm2 c stopped: triple fault\n"

@@ -68,8 +68,9 @@ pub struct Host {
 
 impl Host {
     /// What the guest's CPUID depends on besides the host's.
-    /// `lapic`: the VM has the virtual local APIC.
-    pub fn guest_view(&self, guest_cr4: u64, lapic: bool) -> hvcore::cpuid::GuestView {
+    /// `lapic`: the VM's virtual local APIC, if it has one.
+    pub fn guest_view(&self, guest_cr4: u64, lapic: Option<&hvcore::devices::lapic::Lapic>) -> hvcore::cpuid::GuestView {
+        use hvcore::devices::lapic::Mode;
         use hvcore::control_regs::{CR4_OSXSAVE, CR4_PKE};
         use x86::vmx::vmcs::control::SecondaryControls as S;
         hvcore::cpuid::GuestView {
@@ -78,7 +79,8 @@ impl Host {
             xcr0_allowed: self.cpu.xcr0,
             rdtscp: self.secondary.contains(S::ENABLE_RDTSCP),
             invpcid: self.secondary.contains(S::ENABLE_INVPCID),
-            lapic,
+            lapic: lapic.is_some(),
+            apic_enabled: lapic.is_some_and(|l| l.mode() != Mode::Disabled),
         }
     }
 
@@ -210,7 +212,7 @@ impl Hypervisor {
         };
         // The CR4 bits of the CPU the guest is shown (with CR4.OSXSAVE and
         // PKE on, so that nothing they gate is hidden), within VMX's limits.
-        let view = host.guest_view(hvcore::control_regs::CR4_OSXSAVE | hvcore::control_regs::CR4_PKE, true);
+        let view = host.guest_view(hvcore::control_regs::CR4_OSXSAVE | hvcore::control_regs::CR4_PKE, Some(&hvcore::devices::lapic::Lapic::new(0)));
         let shown = |l, s| hvcore::cpuid::guest_cpuid(l, s, &crate::vcpu::host_cpuid, &view);
         host.cr4_allowed = hvcore::control_regs::cr4_allowed(&shown) & vmx.caps.cr4_fixed.1;
         log::info!("vcpu: guest CR4 may set {:#x}; secondary controls {:#x}", host.cr4_allowed, secondary.bits());

@@ -127,6 +127,8 @@ pub struct Vcpu {
     /// here too so that a halted VM's timer can be checked while its VMCS
     /// is not current.
     pub tsc_offset: u64,
+    /// IA32_MISC_ENABLE (`hvcore::msrs`).
+    pub misc_enable: u64,
 }
 
 /// The TPR's byte in the virtual-APIC page (SDM Vol. 3C 30.1.1).
@@ -230,6 +232,7 @@ impl Vcpu {
             msrs: [0; 6],
             vapic: Page::zeroed(),
             tsc_offset: 0,
+            misc_enable: hvcore::msrs::MISC_ENABLE_RESET,
         }
     }
 

@@ -80,10 +80,14 @@ pub struct GuestView {
     pub rdtscp: bool,
     /// The "enable INVPCID" control is on: INVPCID (7.0:EBX[10]) may be shown.
     pub invpcid: bool,
-    /// The VM has the virtual local APIC: APIC (1:EDX[9]), x2APIC
-    /// (1:ECX[21]) and TSC-deadline (1:ECX[24]) are shown, whatever the
-    /// host has (the guest never touches the host's APIC).
+    /// The VM has the virtual local APIC: x2APIC (1:ECX[21]) and
+    /// TSC-deadline (1:ECX[24]) are shown, whatever the host has (the guest
+    /// never touches the host's APIC).
     pub lapic: bool,
+    /// ... and it is enabled in IA32_APIC_BASE: APIC (1:EDX[9]) is shown
+    /// (a CPU clears the bit while its APIC is globally disabled, SDM
+    /// Vol. 3A 11.4.3).
+    pub apic_enabled: bool,
 }
 
 /// What, besides the host having it, a whitelisted bit needs to be shown.
@@ -108,6 +112,8 @@ enum Gate {
     Invpcid,
     /// The VM's virtual local APIC.
     Lapic,
+    /// ... enabled in IA32_APIC_BASE.
+    ApicEnabled,
 }
 
 /// One bit of a whitelisted register.
@@ -120,7 +126,7 @@ enum Bit {
 }
 
 use Bit::{Host, Set};
-use Gate::{Always, Avx, Avx512, Invpcid, Lapic, OsPke, OsXsave, Pkru, Rdtscp, Xsave};
+use Gate::{Always, ApicEnabled, Avx, Avx512, Invpcid, Lapic, OsPke, OsXsave, Pkru, Rdtscp, Xsave};
 
 // The whitelists (SDM Vol. 2A, CPUID, tables 3-8 and 3-10 for the bits).
 
@@ -155,7 +161,7 @@ const LEAF1_EDX: &[Bit] = &[
     Host(5, Always),  // MSR
     Host(6, Always),  // PAE
     Host(8, Always),  // CX8
-    Set(9, Lapic),    // APIC on chip
+    Set(9, ApicEnabled), // APIC on chip, enabled
     Host(11, Always), // SEP (SYSENTER/SYSEXIT)
     Host(13, Always), // PGE
     Host(15, Always), // CMOV
@@ -268,6 +274,7 @@ struct Shown {
     rdtscp: bool,
     invpcid: bool,
     lapic: bool,
+    apic_enabled: bool,
 }
 
 impl Shown {
@@ -285,6 +292,7 @@ impl Shown {
             rdtscp: view.rdtscp,
             invpcid: view.invpcid,
             lapic: view.lapic,
+            apic_enabled: view.lapic && view.apic_enabled,
         }
     }
 
@@ -300,6 +308,7 @@ impl Shown {
             Rdtscp => self.rdtscp,
             Invpcid => self.invpcid,
             Lapic => self.lapic,
+            ApicEnabled => self.apic_enabled,
         }
     }
 
@@ -516,7 +525,7 @@ mod tests {
         }
         /// Everything the kernel can turn on, turned on.
         fn full_view(&self) -> GuestView {
-            GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: self.allowed(), rdtscp: true, invpcid: true, lapic: false }
+            GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: self.allowed(), rdtscp: true, invpcid: true, lapic: false, apic_enabled: false }
         }
     }
 
@@ -624,7 +633,7 @@ mod tests {
     }
 
     fn all_view() -> GuestView {
-        GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: u64::MAX, rdtscp: true, invpcid: true, lapic: false }
+        GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: u64::MAX, rdtscp: true, invpcid: true, lapic: false, apic_enabled: false }
     }
 
     // The whitelists as the issue lists them, written out again here so the
@@ -812,13 +821,22 @@ mod tests {
     #[test]
     fn the_virtual_lapic_shows_apic_x2apic_and_tsc_deadline_whatever_the_host() {
         for cpu in [xeon(), skylake_x()] {
-            let v = GuestView { lapic: true, ..cpu.full_view() };
+            let v = GuestView { lapic: true, apic_enabled: true, ..cpu.full_view() };
             let l1 = cpu.g(1, 0, &v);
             assert_eq!(l1.edx & bits(&[9]), bits(&[9]));
             assert_eq!(l1.ecx & bits(&[21, 24]), bits(&[21, 24]));
             // Still no MCE/MTRR/MCA and the rest of the hidden bits.
             assert_eq!(l1.edx & bits(&[7, 12, 14]), 0);
-            let host_without = cpu.with(1, 0, regs(l1.eax, 0, 0, 0));
+            // Globally disabled: no APIC bit, the x2APIC and TSC-deadline
+            // features stay; without the virtual APIC, enabled means nothing.
+            let off = GuestView { apic_enabled: false, ..v };
+            let l1 = cpu.g(1, 0, &off);
+            assert_eq!((l1.edx & bits(&[9]), l1.ecx & bits(&[21, 24])), (0, bits(&[21, 24])));
+            let none = GuestView { lapic: false, apic_enabled: true, ..v };
+            let l1 = cpu.g(1, 0, &none);
+            assert_eq!((l1.edx & bits(&[9]), l1.ecx & bits(&[21, 24])), (0, 0));
+            let eax = l1.eax;
+            let host_without = cpu.with(1, 0, regs(eax, 0, 0, 0));
             let l1 = host_without.g(1, 0, &v);
             assert_eq!((l1.edx & bits(&[9]), l1.ecx & bits(&[21, 24])), (bits(&[9]), bits(&[21, 24])));
         }
@@ -1077,7 +1095,7 @@ mod tests {
             leaf in any::<u32>(), subleaf in any::<u32>(),
         ) {
             let host = random_host(seed, top, ext_top);
-            let view = GuestView { cr4_osxsave: osxsave, cr4_pke: pke, xcr0_allowed: xcr0, rdtscp, invpcid, lapic: false };
+            let view = GuestView { cr4_osxsave: osxsave, cr4_pke: pke, xcr0_allowed: xcr0, rdtscp, invpcid, lapic: false, apic_enabled: false };
             let g = |l: u32, s: u32| guest_cpuid(l, s, &host, &view);
             let allowed = xcr0_allowed(&host);
             prop_assert_eq!(allowed & !XCR0_SUPPORTED, 0);

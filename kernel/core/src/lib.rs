@@ -23,6 +23,7 @@ pub mod hypercall;
 pub mod loader;
 pub mod manifest;
 pub mod mmu_notifier;
+pub mod msrs;
 pub mod options;
 pub mod page_manager;
 pub mod phys;

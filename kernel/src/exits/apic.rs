@@ -8,17 +8,19 @@ use super::{advance_rip, inject, Next};
 use crate::hypervisor::Host;
 use crate::vm::{Cause, Vm};
 use crate::vmx::vmcs::read;
-use hvcore::devices::lapic::XAPIC_BASE;
 use hvcore::emulate::mmio::{self, MmioOp};
 use hvcore::emulate::paging::{self, Access, WalkError};
 use hvcore::vmx::event::Event;
 use hvcore::vmx::EptQual;
 use x86::vmx::vmcs::guest;
 
-/// Whether `gpa` is on the xAPIC page of a VM that has the APIC in
-/// xAPIC mode.
+/// Whether `gpa` is on the xAPIC page of a VM with the virtual APIC: at
+/// the base IA32_APIC_BASE names (0xFEE00000 after reset; a guest may move
+/// it, and it works wherever that is not its RAM, which EPT maps first).
+/// In x2APIC or disabled mode the model answers such accesses itself.
 pub fn claims(vm: &Vm, gpa: u64) -> bool {
-    vm.platform.lapic.is_some() && gpa & !0xfff == XAPIC_BASE
+    const BASE_FIELD: u64 = 0x000f_ffff_ffff_f000;
+    vm.platform.lapic.as_ref().is_some_and(|l| gpa & !0xfff == l.apic_base() & BASE_FIELD)
 }
 
 const PF: u8 = 14;

@@ -49,6 +49,7 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
     if basic != reason::EXCEPTION_OR_NMI {
         vm.exception_loop.progress();
     }
+    restore_nmi_blocking(basic);
     reinject_interrupted_event();
     match basic {
         reason::EXCEPTION_OR_NMI => exception::handle(vm),
@@ -108,6 +109,26 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
     }
 }
 
+/// An IRET that faulted (an exception or an EPT violation) had already
+/// unblocked NMIs; it runs again after the exit and will unblock them then,
+/// so the blocking is put back meanwhile (SDM Vol. 3C 28.2.3 bit 12 of the
+/// exit qualification, 28.2.2 for the interruption information: with
+/// virtual NMIs the VMM sets blocking by NMI again before resuming).
+/// Without this an NMI could nest inside the guest's NMI handler.
+fn restore_nmi_blocking(basic: u16) {
+    const NMI_UNBLOCKED_BY_IRET: u64 = 1 << 12;
+    const BLOCKING_BY_NMI: u64 = 1 << 3;
+    let bit = match basic {
+        reason::EPT_VIOLATION => read(ro::EXIT_QUALIFICATION) & NMI_UNBLOCKED_BY_IRET,
+        reason::EXCEPTION_OR_NMI => read(ro::VMEXIT_INTERRUPTION_INFO) & NMI_UNBLOCKED_BY_IRET,
+        _ => 0,
+    };
+    // Undefined when the exit came during an event's delivery.
+    if bit != 0 && read(ro::IDT_VECTORING_INFO) as u32 & event::VALID == 0 {
+        set(guest::INTERRUPTIBILITY_STATE, read(guest::INTERRUPTIBILITY_STATE) | BLOCKING_BY_NMI);
+    }
+}
+
 /// An exit during event delivery (say, an EPT violation on the page of
 /// the guest's exception handler) leaves the event in the IDT-vectoring
 /// field; it must be delivered again on the next entry or the guest loses
@@ -150,6 +171,10 @@ pub fn advance_rip(_vm: &mut Vm, len: u64) -> Next {
 /// Queues `e` for the next VM entry (SDM Vol. 3C 27.6.1), with
 /// `error_code` where it has one.
 pub fn inject(e: Event, error_code: u32) -> Next {
+    if e.kind == event::kind::HARDWARE_EXCEPTION && event::is_fault(e.vector) {
+        const RFLAGS_RF: u64 = 1 << 16;
+        set(guest::RFLAGS, read(guest::RFLAGS) | RFLAGS_RF);
+    }
     if e.error_code {
         set(control::VMENTRY_EXCEPTION_ERR_CODE, error_code as u64);
     }

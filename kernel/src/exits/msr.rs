@@ -8,6 +8,7 @@ use crate::hypervisor::Host;
 use crate::vm::Vm;
 use crate::vmx::vmcs::{read as vmread, set as vmset};
 use hvcore::control_regs::check_efer_write;
+use hvcore::msrs;
 use x86::vmx::vmcs::{control, guest};
 
 const IA32_TSC: u32 = 0x10;
@@ -39,7 +40,11 @@ pub fn read(vm: &mut Vm) -> Next {
         IA32_EFER => vmread(guest::IA32_EFER_FULL),
         IA32_FS_BASE => vmread(guest::FS_BASE),
         IA32_GS_BASE => vmread(guest::GS_BASE),
-        _ => return unknown(vm, "RDMSR", msr),
+        msrs::IA32_MISC_ENABLE => vm.vcpu.misc_enable,
+        _ => match msrs::mcg_read(msr) {
+            Some(v) => v,
+            None => return unknown(vm, "RDMSR", msr),
+        },
         },
     };
     vm.vcpu.regs.rax = value & 0xffff_ffff;
@@ -64,7 +69,7 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
         IA32_EFER => {
             // SCE and NXE only where CPUID shows them (0x8000_0001:EDX bits
             // 11, 20); LME/LMA are checked against paging (SDM Vol. 3A 2.2.1).
-            let shown = hvcore::cpuid::guest_cpuid(0x8000_0001, 0, &crate::vcpu::host_cpuid, &host.guest_view(0, false));
+            let shown = hvcore::cpuid::guest_cpuid(0x8000_0001, 0, &crate::vcpu::host_cpuid, &host.guest_view(0, None));
             let (syscall, nx) = (shown.edx & (1 << 11) != 0, shown.edx & (1 << 20) != 0);
             let Ok(efer) = check_efer_write(&super::cr_access::cr_state(), value, nx, syscall) else {
                 return inject_gp();
@@ -80,7 +85,16 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
         IA32_GS_BASE => guest::GS_BASE,
         IA32_PAT if !valid_pat(value) => return inject_gp(),
         IA32_PAT => guest::IA32_PAT_FULL,
-        _ => return unknown(vm, "WRMSR", msr),
+        msrs::IA32_MISC_ENABLE => {
+            let Ok(v) = msrs::misc_enable_write(vm.vcpu.misc_enable, value) else { return inject_gp() };
+            vm.vcpu.misc_enable = v;
+            return skip_instruction(vm);
+        }
+        _ => match msrs::mcg_write(msr, value) {
+            Some(Ok(())) => return skip_instruction(vm),
+            Some(Err(())) => return inject_gp(),
+            None => return unknown(vm, "WRMSR", msr),
+        },
     };
     vmset(field, value);
     skip_instruction(vm)

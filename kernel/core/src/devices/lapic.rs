@@ -1416,6 +1416,7 @@ mod tests {
         assert_eq!(l.mmio_read(0x1000, 0), 0);
         l.mmio_write(0x1080, 0xFF, 0);
         assert_eq!(l.tpr(), 0);
+        assert_eq!(esr(&mut l), 0, "no register access at all");
     }
 
     #[test]

@@ -106,8 +106,20 @@ pub fn after_emulated(interruptibility: u32, rflags: u64) -> AfterEmulation {
 /// is reflected to it. On such an exit the CPU leaves DR6 alone and puts
 /// what it would have set in the qualification (SDM 28.2.1, Table 28-1:
 /// B0-B3, BD, BS); the hypervisor sets those bits as the delivery would.
+/// B0-B3 say which breakpoints this #DB matched, so the old ones go
+/// ("certain debug exceptions may clear bits 0-3", SDM Vol. 3B 18.2.3;
+/// Intel CPUs and KVM replace them, and kvm-unit-tests' debug test checks
+/// the exact DR6); BD, BS and the rest stay until the guest clears them.
 pub fn dr6_for_db(dr6: u64, qual: u64) -> u64 {
-    dr6 | (qual & (DR6_B0_B3 | DR6_BD | DR6_BS))
+    (dr6 & !DR6_B0_B3) | (qual & (DR6_B0_B3 | DR6_BD | DR6_BS))
+}
+
+/// Exceptions of the fault class (SDM Vol. 3A 6.5, Table 6-1): all but
+/// #DB (trap or fault), #BP and #OF (traps), #DF and #MC (aborts). The CPU
+/// sets RFLAGS.RF in the image a fault pushes (6.12.1; 18.3.1.1), so an
+/// injected fault must have RF set in the guest RFLAGS.
+pub fn is_fault(vector: u8) -> bool {
+    vector < 32 && !matches!(vector, 1 | 2 | 3 | 4 | 8 | 18)
 }
 
 /// Spots an exception whose delivery raises the same exception again: the
@@ -168,6 +180,16 @@ mod tests {
     }
 
     #[test]
+    fn faults_are_every_exception_but_the_traps_and_aborts() {
+        for v in [0u8, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21, 31] {
+            assert!(is_fault(v), "vector {v}");
+        }
+        for v in [1u8, 2, 3, 4, 8, 18, 32, 255] {
+            assert!(!is_fault(v), "vector {v}");
+        }
+    }
+
+    #[test]
     fn event_information_round_trips() {
         let gp = Event::exception(13, true);
         assert_eq!(gp.encode(), 0x8000_0b0d);
@@ -201,6 +223,12 @@ mod tests {
         assert_eq!(dr6_for_db(0xffff_0ff0, DR6_BS), 0xffff_4ff0);
         assert_eq!(dr6_for_db(0xffff_0ff0, 0b0101), 0xffff_0ff5);
         assert_eq!(dr6_for_db(0xffff_0ff0, DR6_BD), 0xffff_2ff0);
+        // A new #DB replaces the breakpoint bits of the last one (kvm-unit-
+        // tests' debug: B1 left from before, then a B2 single-step hit:
+        // DR6 = 0xffff4ff4, not ...ff6); BS and BD are not cleared.
+        assert_eq!(dr6_for_db(0xffff_0ff2, 0b0100 | DR6_BS), 0xffff_4ff4);
+        assert_eq!(dr6_for_db(0xffff_4ff0, 0b0001), 0xffff_4ff1);
+        assert_eq!(dr6_for_db(0xffff_2ff0 | 0b1000, DR6_BS), 0xffff_6ff0);
         // Bits of the qualification that are not DR6 status bits stay out.
         assert_eq!(dr6_for_db(0, 1 << 16 | 1 << 4), 0);
     }
