@@ -101,6 +101,11 @@ impl HostCpu {
             if has_xsave { "XSAVE" } else { "FXSAVE" },
             if tsc_aux { 6 } else { 5 }
         );
+        if host_cpuid(7, 0).ecx & (1 << 3) == 0 {
+            // Not an error: the guest is shown no PKU either (Bochs'
+            // corei7_skylake_x has none; kvm-unit-tests' pku skips).
+            log::info!("vcpu: the CPU has no protection keys (CPUID.7.0:ECX.PKU[bit 3] is 0)");
+        }
         HostCpu { xcr0, area_size, tsc_aux, msrs }
     }
 }
