@@ -306,10 +306,10 @@ fi
 # A segment outside the VM's memory: kvm-unit-tests kernels load at 4 MiB.
 kut_dummy=target/kvm-unit-tests/src/kvm-unit-tests/x86/dummy.flat
 if [ -f "$kut_dummy" ]; then
-    vm_args=(--vm "$kut_dummy" --mem 2M --label small --vm "$kut_dummy" --mem 8M --label dummy)
+    vm_args=(--vm "$kut_dummy" --mem 2M --label small --vm "$kut_dummy" --mem 32M --label dummy)
     smoke multiboot-bounds bochs bios 1 120 "" \
-        '^\[ERROR\] vm0 \(small\): refused: multiboot: segment 0x400000\+0x[0-9a-f]+ lies outside the VM.s memory' \
-        '^\[INFO \] vm0 \(dummy\): created: multiboot, 8 MiB, entry 0x[0-9a-f]+' \
+        '^\[ERROR\] vm0 \(small\): refused: multiboot: segment 0x40[0-9a-f]{4}\+0x[0-9a-f]+ lies outside the VM.s memory' \
+        '^\[INFO \] vm0 \(dummy\): created: multiboot, 32 MiB, entry 0x[0-9a-f]+' \
         '^\[INFO \] \[vm0\] Dummy Hello World!$' \
         '^HV-VM: vm0 dummy debug-exit=0$' \
         '^\[INFO \] vm0 +dummy +multiboot +yes +[0-9]+ +[0-9]+/[0-9]+/[0-9]+  debug-exit status 0$' \

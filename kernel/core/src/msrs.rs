@@ -2,6 +2,8 @@
 //! per VM (those with rules beyond "store what was written"; the plain
 //! ones live in the VMCS or are switched by the vCPU).
 
+use crate::control_regs::Gp;
+
 /// IA32_MISC_ENABLE (0x1A0, SDM Vol. 4 Table 2-2).
 pub const IA32_MISC_ENABLE: u32 = 0x1a0;
 /// IA32_MCG_CAP (0x179) and IA32_MCG_STATUS (0x17A): the machine-check
@@ -22,10 +24,10 @@ pub const MISC_ENABLE_RESET: u64 = (1 << 0) | (1 << 11) | (1 << 12);
 
 /// WRMSR MISC_ENABLE: the value to keep, or `Err` for #GP(0): a reserved
 /// bit set, or a read-only bit changed.
-pub fn misc_enable_write(old: u64, new: u64) -> Result<u64, ()> {
+pub fn misc_enable_write(old: u64, new: u64) -> Result<u64, Gp> {
     let reserved = !(MISC_ENABLE_WRITABLE | MISC_ENABLE_READ_ONLY);
     if new & reserved != 0 || (new ^ old) & MISC_ENABLE_READ_ONLY != 0 {
-        return Err(());
+        return Err(Gp);
     }
     Ok(new)
 }
@@ -38,10 +40,10 @@ pub fn mcg_read(msr: u32) -> Option<u64> {
 
 /// WRMSR of the machine-check MSRs: MCG_CAP is read-only; MCG_STATUS takes
 /// only 0 (nothing ever sets its bits here). `None`: not one of them.
-pub fn mcg_write(msr: u32, value: u64) -> Option<Result<(), ()>> {
+pub fn mcg_write(msr: u32, value: u64) -> Option<Result<(), Gp>> {
     match msr {
-        IA32_MCG_CAP => Some(Err(())),
-        IA32_MCG_STATUS => Some(if value == 0 { Ok(()) } else { Err(()) }),
+        IA32_MCG_CAP => Some(Err(Gp)),
+        IA32_MCG_STATUS => Some(if value == 0 { Ok(()) } else { Err(Gp) }),
         _ => None,
     }
 }
@@ -60,12 +62,12 @@ mod tests {
         assert_eq!(misc_enable_write(val, old), Ok(old));
         // Reserved bits (1, 2, 4-6, 8-10, 13-15, 17, 19-21, 24-33, 35-63).
         for bit in [1, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 24, 33, 35, 63] {
-            assert_eq!(misc_enable_write(old, old | 1 << bit), Err(()), "bit {bit}");
+            assert_eq!(misc_enable_write(old, old | 1 << bit), Err(Gp), "bit {bit}");
         }
         // Read-only bits may not change, either way.
-        assert_eq!(misc_enable_write(old, old | 1 << 7), Err(()));
-        assert_eq!(misc_enable_write(old, old & !(1 << 11)), Err(()));
-        assert_eq!(misc_enable_write(old, old & !(1 << 12)), Err(()));
+        assert_eq!(misc_enable_write(old, old | 1 << 7), Err(Gp));
+        assert_eq!(misc_enable_write(old, old & !(1 << 11)), Err(Gp));
+        assert_eq!(misc_enable_write(old, old & !(1 << 12)), Err(Gp));
     }
 
     #[test]
@@ -73,9 +75,9 @@ mod tests {
         assert_eq!(mcg_read(IA32_MCG_CAP), Some(0));
         assert_eq!(mcg_read(IA32_MCG_STATUS), Some(0));
         assert_eq!(mcg_read(0x400), None);
-        assert_eq!(mcg_write(IA32_MCG_CAP, 0), Some(Err(())));
+        assert_eq!(mcg_write(IA32_MCG_CAP, 0), Some(Err(Gp)));
         assert_eq!(mcg_write(IA32_MCG_STATUS, 0), Some(Ok(())));
-        assert_eq!(mcg_write(IA32_MCG_STATUS, 1), Some(Err(())));
+        assert_eq!(mcg_write(IA32_MCG_STATUS, 1), Some(Err(Gp)));
         assert_eq!(mcg_write(0x401, 0), None);
     }
 }

@@ -92,7 +92,7 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
         }
         _ => match msrs::mcg_write(msr, value) {
             Some(Ok(())) => return skip_instruction(vm),
-            Some(Err(())) => return inject_gp(),
+            Some(Err(_)) => return inject_gp(),
             None => return unknown(vm, "WRMSR", msr),
         },
     };
