@@ -766,7 +766,7 @@ fn main() -> ExitCode {
     let mut shape = Shape { pages: 262_144, zero: 0.25, dup: 0.5, group: 4, seed: 1 };
     let mut vms = 4;
     let mut batch = 4096;
-    let mut cfg = DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: false, track_dirty: true };
+    let mut cfg = DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: false, track_dirty: true, merge_at_first_look: true };
     let mut linux = true;
     let mut timeout = 300.0;
     let (mut sweep, mut sweep_linux) = (false, false);

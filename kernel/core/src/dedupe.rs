@@ -89,11 +89,25 @@ pub struct DedupeConfig {
     /// `mmu.eptp(mmu.accessed_dirty())`; off, every look hashes the page
     /// (KSM's checksum rule). Same merges either way.
     pub track_dirty: bool,
+    /// With `track_dirty`: merge at the first look, as ESX does
+    /// (Waldspurger, OSDI 2002): a page just hashed enters the unstable
+    /// index at once, and a page matching it is compared and merged in the
+    /// same pass if the candidate's dirty flag says it has not changed
+    /// since its hash. Off (or without dirty flags for the page): KSM's
+    /// two-look rule, a page is a candidate only once its checksum held
+    /// between two looks. The byte compare decides every merge either way.
+    pub merge_at_first_look: bool,
 }
 
 impl Default for DedupeConfig {
     fn default() -> Self {
-        DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: true, track_dirty: false }
+        DedupeConfig {
+            policy: SharingPolicy::AllVms,
+            max_page_sharing: 256,
+            use_zero_pages: true,
+            track_dirty: false,
+            merge_at_first_look: true,
+        }
     }
 }
 
@@ -155,6 +169,8 @@ pub(crate) struct Ksm {
     scanned: u64,
     /// Looks that reused the stored checksum (dirty flag clear).
     checksums_reused: u64,
+    /// Looks that made a changed page a candidate at once (first look).
+    first_look: u64,
 }
 
 /// The index key of content `hash` in sharing domain `domain`; never 0
@@ -192,6 +208,7 @@ impl Ksm {
             mismatches: 0,
             scanned: 0,
             checksums_reused: 0,
+            first_look: 0,
         }
     }
 
@@ -403,6 +420,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             compare_mismatches: k.mismatches,
             pages_scanned: k.scanned,
             checksums_reused: k.checksums_reused,
+            first_looks: k.first_look,
             ..KsmStats::default()
         };
         for f in k.stable.iter().filter(|f| f.live) {
@@ -557,6 +575,10 @@ fn scan_one<P: PhysMem, S: Stage2>(
         e.flags &= !F_TRACKED;
     }
     let key = key_of(hash, domain);
+    // The hash is fresh or kept by a clean dirty flag, and the flag is
+    // clear now: while it stays clear the page holds this content, which is
+    // what the two-look rule waits a pass to learn.
+    let first_look = dirty.is_some() && ksm.config.merge_at_first_look;
 
     // 1. A merged frame with this content and room for one more.
     if let Some(id) = ksm.stable_with_room(key) {
@@ -565,14 +587,18 @@ fn scan_one<P: PhysMem, S: Stage2>(
             return 1;
         }
     }
-    // 2. Changed since the last look: not a candidate yet.
+    // 2. Changed since the last look: not a candidate yet (KSM), unless
+    // its dirty flag tracks it from now on (first look).
     let e = &mut v.slots[si].pages[pi];
     let sum = hash;
     if e.flags & F_CSUM == 0 || e.aux != sum {
         e.aux = sum;
         e.flags |= F_CSUM;
         ksm.pass.changed += 1;
-        return 0;
+        if !first_look {
+            return 0;
+        }
+        ksm.first_look += 1;
     }
     // 3. All zero: the domain's zero frame.
     if ksm.config.use_zero_pages && hash == ksm.zero_hash {
@@ -590,7 +616,7 @@ fn scan_one<P: PhysMem, S: Stage2>(
     // 4. An unchanged twin seen earlier in this pass.
     let me = page_ref(vi, gfn);
     let twin = match ksm.unstable.get(key) {
-        Some(q) if q != me => valid_twin(vms, q, domain, sum),
+        Some(q) if q != me => valid_twin(mem, vms, q, domain, sum, ksm.config.merge_at_first_look),
         _ => None,
     };
     let Some((qvi, qsi, qpi)) = twin else {
@@ -628,20 +654,31 @@ fn scan_one<P: PhysMem, S: Stage2>(
 }
 
 /// The page behind an unstable-index entry, if it is still an unmerged,
-/// unchanged page of the same domain.
-fn valid_twin<S: Stage2>(
-    vms: &[Option<Vm<S>>],
+/// unchanged page of the same domain. With `first_look`, a candidate whose
+/// checksum is tracked must also still have a clear dirty flag: it may have
+/// entered the index at its first look, and only the flag tells that it
+/// held still since (a set flag is cleared here and the page loses its
+/// tracked mark, so its next look hashes it again).
+fn valid_twin<P: PhysMem, S: Stage2>(
+    mem: &P,
+    vms: &mut [Option<Vm<S>>],
     q: u64,
     domain: u32,
     sum: u64,
+    first_look: bool,
 ) -> Option<(usize, usize, usize)> {
     let qvi = (q >> 40) as usize;
-    let v = vms.get(qvi)?.as_ref()?;
+    let v = vms.get_mut(qvi)?.as_mut()?;
     if v.domain != Some(domain) {
         return None;
     }
-    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    let gfn = q & ((1 << 40) - 1);
+    let (si, pi) = v.find(gfn)?;
     let e = v.slots[si].pages[pi];
     let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags & (F_SHARED | F_CSUM) == F_CSUM && e.aux == sum;
+    if ok && first_look && v.track_dirty && e.flags & F_TRACKED != 0 && v.mmu.test_and_clear_dirty(mem, gfn) != Some(false) {
+        v.slots[si].pages[pi].flags &= !F_TRACKED;
+        return None;
+    }
     ok.then_some((qvi, si, pi))
 }

@@ -391,6 +391,11 @@ fn tracking() -> DedupeConfig {
     DedupeConfig { track_dirty: true, ..DedupeConfig::default() }
 }
 
+/// Dirty tracking with KSM's two-look rule (no merge at the first look).
+fn tracking_two_looks() -> DedupeConfig {
+    DedupeConfig { merge_at_first_look: false, ..tracking() }
+}
+
 /// The raw dirty flag of the page's leaf (None: not mapped).
 fn dirty_flag(pm: &PageManager<Arena>, v: VmId, p: u64) -> Option<bool> {
     let raw = pm.mmu(v).unwrap().with_tables(|t| t.raw_entry(pm.mem(), gpa(p)));
@@ -437,7 +442,7 @@ fn an_unchanged_page_keeps_its_checksum_with_one_flush_per_batch() {
 
 #[test]
 fn a_guest_write_between_looks_is_rehashed_and_not_merged_with_its_old_twin() {
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
     let mut g = fill(&mut pm, v, &[5, 5]);
     pm.scan(2); // pass 1: both hashed with content 5
@@ -464,7 +469,7 @@ fn a_guest_write_between_looks_is_rehashed_and_not_merged_with_its_old_twin() {
 
 #[test]
 fn a_hypervisor_write_is_rehashed_too() {
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
     fill(&mut pm, v, &[5, 5]);
     pm.scan(2);
@@ -484,7 +489,7 @@ fn a_hypervisor_write_is_rehashed_too() {
 
 #[test]
 fn tracking_with_cow_breaks_and_merges() {
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (a, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
     let (b, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, None);
     let mut ga = fill(&mut pm, a, &[5, 5, 5]);
@@ -551,7 +556,7 @@ fn tracking_teardown_returns_every_frame() {
 fn a_hypervisor_write_of_the_same_bytes_keeps_the_page_a_candidate() {
     // The write drops only the tracked mark: the page is hashed again,
     // finds its checksum unchanged and merges in the very next pass.
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
     fill(&mut pm, v, &[5, 5]);
     pm.scan(2); // pass 1: both hashed
@@ -560,5 +565,77 @@ fn a_hypervisor_write_of_the_same_bytes_keeps_the_page_a_candidate() {
     let r = pm.scan(2); // pass 2
     assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "page 1 was hashed again");
     assert_eq!(r.merged, 2);
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+}
+
+// ---------------------------------------------------------------------------
+// Merging at the first look (DedupeConfig::merge_at_first_look, with
+// tracking): a candidate whose dirty flag stayed clear since its hash is
+// merged in the pass that first hashed it.
+
+#[test]
+fn at_the_first_look_equal_pages_merge_in_one_pass_and_with_two_looks_in_two() {
+    for first_look in [true, false] {
+        let mut pm = pm(128, DedupeConfig { merge_at_first_look: first_look, ..tracking() });
+        let (a, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+        let (b, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+        fill(&mut pm, a, &[5, 6]);
+        fill(&mut pm, b, &[6, 5]);
+        let r = pm.scan(4);
+        assert_eq!(r.full_scans_completed, 1);
+        let s = pm.ksm_stats();
+        if first_look {
+            assert_eq!(r.merged, 4, "both pairs in the first pass");
+            assert_eq!((s.pages_shared, s.pages_sharing, s.first_looks), (2, 2, 4));
+            // The next pass changes nothing: converged after two passes.
+            pm.scan(4);
+            assert!(pm.scan_converged());
+        } else {
+            assert_eq!((r.merged, s.pages_shared, s.first_looks), (0, 0, 0), "two looks: first pass only hashes");
+            assert_eq!(pm.scan(4).merged, 4);
+        }
+        assert_eq!(pm.backing_frame(a, gpa(0)), pm.backing_frame(b, gpa(1)));
+        assert_eq!(pm.backing_frame(a, gpa(1)), pm.backing_frame(b, gpa(0)));
+        assert_eq!(page_bytes(&pm, b, 1), [5; 4096]);
+        pm.check_consistency().unwrap();
+    }
+}
+
+#[test]
+fn a_candidate_written_since_its_hash_is_not_merged_at_the_first_look() {
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    let mut g = fill(&mut pm, v, &[5, 5]);
+    assert_eq!(pm.scan(1).merged, 0); // page 0: hashed, a candidate
+    // The guest writes page 0 (the same bytes: only the dirty flag can
+    // tell), in the guest time between two scan batches.
+    g.write(&mut pm, gpa(0) + 9, &[5]).unwrap();
+    assert_eq!(dirty_flag(&pm, v, 0), Some(true));
+    let r = pm.scan(1); // page 1: its candidate is dirty
+    assert_eq!((r.merged, r.full_scans_completed), (0, 1));
+    assert!(!pm.is_merged(v, gpa(0)) && !pm.is_merged(v, gpa(1)));
+    assert_eq!(pm.ksm_stats().compare_mismatches, 0, "refused before any compare");
+    assert_eq!(dirty_flag(&pm, v, 0), Some(false), "the flag was cleared");
+    // Page 0 is hashed again at its next look (not trusted), and merges.
+    let reused = pm.ksm_stats().checksums_reused;
+    assert_eq!(pm.scan(2).merged, 2);
+    assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "only page 1 kept its checksum");
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn a_page_without_a_dirty_flag_to_watch_waits_for_a_second_look() {
+    // Written by the hypervisor and never touched by the guest: no EPT
+    // leaf, so no dirty flag says it holds still; KSM's rule applies.
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    for p in 0..2 {
+        pm.write_gpa(v, gpa(p), &[7; 4096]).unwrap();
+    }
+    assert_eq!(dirty_flag(&pm, v, 0), None);
+    assert_eq!(pm.scan(2).merged, 0);
+    assert_eq!(pm.ksm_stats().first_looks, 0);
+    assert_eq!(pm.scan(2).merged, 2);
     assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
 }
