@@ -375,17 +375,49 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             return res;
         }
         let PageManager { mem, frames, vms, ksm, .. } = self;
-        while res.visited < batch && next_page(ksm, vms, &mut res) {
-            let (vi, si, pi) = ksm.cursor;
-            prefetch_index_ahead(vms, ksm, vi, si, pi + PREFETCH_DISTANCE);
-            ksm.cursor.2 += 1;
-            ksm.visited_this_pass += 1;
-            res.visited += 1;
-            res.merged += scan_one(mem, frames, vms, ksm, vi, si, pi);
-            // Move on now, so a pass ends with its last page.
-            next_page(ksm, vms, &mut res);
+        // A pipeline over the pages of the batch ([`LOOK_AHEAD`]): each
+        // page is looked at (dirty flag, hash, index lines prefetched) a few
+        // pages before it is decided, its partner's record or page entry
+        // and then its first lines are prefetched on the way, so the misses
+        // of a merge overlap with the work on the pages before it. Pages
+        // are looked at only within the batch and the pass: the ring is
+        // empty when `scan` returns and when a pass ends.
+        let mut ring = Ring::default();
+        let mut wrapped = false;
+        loop {
+            while ring.len < LOOK_AHEAD && res.visited < batch && seek(ksm, vms) {
+                let (vi, si, pi) = ksm.cursor;
+                ksm.cursor.2 += 1;
+                ksm.visited_this_pass += 1;
+                res.visited += 1;
+                if let Some(l) = look(mem, vms, ksm, vi, si, pi) {
+                    ring.push(l);
+                }
+            }
+            if ring.len > 0 {
+                ring.advance(mem, vms, ksm);
+                let l = ring.pop();
+                res.merged += decide(mem, frames, vms, ksm, l);
+                continue;
+            }
+            if seek(ksm, vms) {
+                break; // the batch is used up in the middle of a pass
+            }
+            // Past the last page: the pass ends with its last page.
+            if ksm.visited_this_pass > 0 {
+                ksm.finish_pass();
+                res.full_scans_completed += 1;
+            } else if wrapped || vms.is_empty() {
+                ksm.cursor = (0, 0, 0);
+                break; // nothing mergeable anywhere
+            }
+            ksm.cursor = (0, 0, 0);
+            wrapped = true;
+            if res.visited >= batch {
+                break;
+            }
         }
-        // Dirty tracking: `scan_one` cleared the dirty flag of each page it
+        // Dirty tracking: `look` cleared the dirty flag of each page it
         // looked at. A translation the guest's TLB cached while the flag
         // was set lets later writes go by without setting it again (SDM
         // 29.4.3.4), so each VM whose flags were cleared gets one INVEPT
@@ -479,47 +511,127 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
     }
 }
 
-/// How many pages ahead of the one being scanned [`prefetch_index_ahead`]
-/// works: enough for a miss to complete while the pages in between are
-/// scanned (each takes several hundred ns).
-const PREFETCH_DISTANCE: usize = 4;
+/// Pages looked at (dirty flag, hash) before the one being decided: the
+/// look of page k+LOOK_AHEAD prefetches its index lines; at
+/// [`PEEK_AT`] pages before its decision its index is read and the
+/// candidate partner's record or page entry prefetched; at
+/// [`PARTNER_AT`] the partner's first lines. Each page takes a few hundred
+/// ns, a miss a hundred or more (this VM: a two-dimensional page walk
+/// first); 8/4/2 measured better than 4/2/1 and no worse than 12/6/3
+/// (docs/dedupe-performance.md).
+const LOOK_AHEAD: usize = 8;
+const PEEK_AT: usize = 4;
+const PARTNER_AT: usize = 2;
+/// Cache lines of the partner page prefetched (the hardware prefetcher
+/// follows the compare's stream for the rest).
+const PARTNER_LINES: usize = 8;
+/// Cache lines of the next page to look at prefetched by a look.
+const NEXT_PAGE_LINES: usize = 64;
 
-/// Starts loading the index lines that scanning page `pi` of the slot will
-/// look up, a few pages before it gets there: those lookups land anywhere
-/// in tables that outgrow the caches as memory grows, and a miss then
-/// overlaps with the scan of the pages in between instead of stalling it.
-/// The page's key is not known before it is hashed, but the checksum from
-/// its last look is in its entry, and in the passes that merge most pages
-/// are unchanged: that checksum predicts the key. A wrong guess (the page
-/// changed) only wastes the prefetch; nothing here changes any state.
-fn prefetch_index_ahead<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, vi: usize, si: usize, pi: usize) {
-    let Some(v) = vms.get(vi).and_then(|v| v.as_ref()) else { return };
-    let (Some(domain), Some(e)) = (v.domain, v.slots.get(si).and_then(|s| s.pages.get(pi))) else { return };
-    if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
-        let key = key_of(e.aux, domain);
-        ksm.stable_index.prefetch(key);
-        ksm.unstable.prefetch(key);
+/// What was learnt about the merge partner of a looked-at page before its
+/// decision (only to prefetch: the decision looks again).
+#[derive(Clone, Copy, Debug)]
+enum Hint {
+    None,
+    Stable(u32),
+    Twin(u64),
+}
+
+/// A page looked at and not yet decided: its hash is taken and its dirty
+/// flag cleared, and no guest runs before the decision (both happen in
+/// the same `scan` call).
+#[derive(Clone, Copy, Debug)]
+struct Looked {
+    vi: usize,
+    si: usize,
+    pi: usize,
+    hash: u64,
+    key: u64,
+    dirty: Option<bool>,
+    hint: Hint,
+}
+
+/// The pages looked at ahead of the decision, oldest first.
+#[derive(Default)]
+struct Ring {
+    slots: [Option<Looked>; LOOK_AHEAD],
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn push(&mut self, l: Looked) {
+        debug_assert!(self.len < LOOK_AHEAD);
+        self.slots[(self.head + self.len) % LOOK_AHEAD] = Some(l);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Looked {
+        let l = self.slots[self.head].take().expect("a looked-at page");
+        self.head = (self.head + 1) % LOOK_AHEAD;
+        self.len -= 1;
+        l
+    }
+
+    /// The prefetch stages for the pages `PEEK_AT` and `PARTNER_AT` before
+    /// the next decision (position 0).
+    fn advance<P: PhysMem, S: Stage2>(&mut self, mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm) {
+        if self.len > PEEK_AT {
+            if let Some(l) = &mut self.slots[(self.head + PEEK_AT) % LOOK_AHEAD] {
+                peek_partner(vms, ksm, l);
+            }
+        }
+        if self.len > PARTNER_AT {
+            if let Some(l) = &self.slots[(self.head + PARTNER_AT) % LOOK_AHEAD] {
+                prefetch_partner(mem, vms, ksm, l);
+            }
+        }
     }
 }
 
-/// Moves the cursor to the next mergeable page slot, ending the pass when
-/// it runs past the last VM. False if there is nothing to scan.
-fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResult) -> bool {
-    let mut wrapped = false;
+/// The page entry behind an unstable-index page ref, if any.
+fn entry_of<S: Stage2>(vms: &[Option<Vm<S>>], q: u64) -> Option<&PageEntry> {
+    let v = vms.get((q >> 40) as usize)?.as_ref()?;
+    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    Some(&v.slots[si].pages[pi])
+}
+
+/// Reads the index lines (prefetched by the look) for the partner a
+/// decision would try first, and prefetches its record or page entry.
+fn peek_partner<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, l: &mut Looked) {
+    if let Some(id) = ksm.stable_index.get(l.key) {
+        crate::prefetch::prefetch(&ksm.stable[id as usize]);
+        l.hint = Hint::Stable(id as u32);
+    } else if let Some(q) = ksm.unstable.get(l.key) {
+        if let Some(e) = entry_of(vms, q) {
+            crate::prefetch::prefetch(e);
+            l.hint = Hint::Twin(q);
+        }
+    }
+}
+
+/// Prefetches the first lines of the partner's frame and of the page.
+fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm, l: &Looked) {
+    let frame = match l.hint {
+        Hint::None => return,
+        Hint::Stable(id) => ksm.stable.get(id as usize).filter(|s| s.live).map(|s| s.frame),
+        Hint::Twin(q) => entry_of(vms, q).map(|e| e.frame),
+    };
+    if let Some(f) = frame.filter(|&f| f != NO_FRAME) {
+        let page = mem.page(PhysAddr((f as u64) << PAGE_SHIFT));
+        for line in page.as_chunks::<64>().0.iter().take(PARTNER_LINES) {
+            crate::prefetch::prefetch(line);
+        }
+    }
+}
+
+/// Moves the cursor to the next mergeable page slot of this pass; false
+/// when it is past the last VM (the end of the pass).
+fn seek<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>]) -> bool {
     loop {
         let (vi, si, pi) = ksm.cursor;
         if vi >= vms.len() {
-            if ksm.visited_this_pass == 0 && (wrapped || vms.is_empty()) {
-                ksm.cursor = (0, 0, 0);
-                return false; // nothing mergeable anywhere
-            }
-            if ksm.visited_this_pass > 0 {
-                ksm.finish_pass();
-                res.full_scans_completed += 1;
-            }
-            ksm.cursor = (0, 0, 0);
-            wrapped = true;
-            continue;
+            return false;
         }
         match &vms[vi] {
             Some(v) if v.domain.is_some() && si < v.slots.len() => {
@@ -533,24 +645,18 @@ fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResu
     }
 }
 
-/// One page, in KSM's order (see the module comment). Returns how many
-/// pages became merged.
-fn scan_one<P: PhysMem, S: Stage2>(
-    mem: &P,
-    frames: &mut FrameAllocator,
-    vms: &mut [Option<Vm<S>>],
-    ksm: &mut Ksm,
-    vi: usize,
-    si: usize,
-    pi: usize,
-) -> usize {
+/// The first half of a look at a page: its dirty flag (tested and
+/// cleared) and its hash (kept if the flag says it still holds), and the
+/// prefetch of its index lines. None: nothing to look at (no frame, or
+/// merged already).
+fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm, vi: usize, si: usize, pi: usize) -> Option<Looked> {
     ksm.scanned += 1;
     let v = vms[vi].as_mut().expect("scanned VM exists");
     let domain = v.domain.expect("scanned VM merges");
     let gfn = v.slots[si].base_gfn + pi as u64;
     let e = v.slots[si].pages[pi];
     if e.frame == NO_FRAME || e.shared() {
-        return 0;
+        return None;
     }
     // Dirty tracking: Some(false) if the EPT maps the page and the guest
     // has not written it since the flag was last cleared; the flag is
@@ -575,6 +681,25 @@ fn scan_one<P: PhysMem, S: Stage2>(
         e.flags &= !F_TRACKED;
     }
     let key = key_of(hash, domain);
+    ksm.stable_index.prefetch(key);
+    ksm.unstable.prefetch(key);
+    // The next page to look at (usually the next frame): its lines stream in
+    // while the pages before it are decided, so its hash reads from cache.
+    if let Some(n) = v.slots[si].pages.get(pi + 1).filter(|n| n.frame != NO_FRAME && !n.shared()) {
+        for line in mem.page(n.pa()).as_chunks::<64>().0.iter().take(NEXT_PAGE_LINES) {
+            crate::prefetch::prefetch(line);
+        }
+    }
+    Some(Looked { vi, si, pi, hash, key, dirty, hint: Hint::None })
+}
+
+/// The second half: the page in KSM's order (see the module comment).
+/// Returns how many pages became merged.
+fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm, l: Looked) -> usize {
+    let Looked { vi, si, pi, hash, key, dirty, .. } = l;
+    let v = vms[vi].as_mut().expect("scanned VM exists");
+    let domain = v.domain.expect("scanned VM merges");
+    let gfn = v.slots[si].base_gfn + pi as u64;
     // The hash is fresh or kept by a clean dirty flag, and the flag is
     // clear now: while it stays clear the page holds this content, which is
     // what the two-look rule waits a pass to learn.
