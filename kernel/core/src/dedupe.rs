@@ -171,6 +171,10 @@ pub(crate) struct Ksm {
     checksums_reused: u64,
     /// Looks that made a changed page a candidate at once (first look).
     first_look: u64,
+    /// Private frames merged away during a `scan` call: freed at its end,
+    /// after the one TLB flush per VM that covers them (at most one per
+    /// page of the batch; the capacity is kept).
+    retired: Vec<PhysAddr>,
 }
 
 /// The index key of content `hash` in sharing domain `domain`; never 0
@@ -209,6 +213,7 @@ impl Ksm {
             scanned: 0,
             checksums_reused: 0,
             first_look: 0,
+            retired: Vec::new(),
         }
     }
 
@@ -360,7 +365,9 @@ pub(crate) fn merge_into<P: PhysMem, S: Stage2>(
     let old = equal.then(|| install_merged(mem, ksm, v, si, pi, id));
     v.mmu.invalidate_range_end(r);
     match old {
-        Some(old) => frames.free(old).expect("a private guest frame is ours"),
+        // Freed by `scan` after the flush (the flushes of a scan batch
+        // are one, at its end).
+        Some(old) => ksm.retired.push(old),
         None => ksm.mismatches += 1,
     }
     equal
@@ -375,6 +382,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             return res;
         }
         let PageManager { mem, frames, vms, ksm, .. } = self;
+        for v in vms.iter().flatten() {
+            v.mmu.defer_flushes();
+        }
         // A pipeline over the pages of the batch ([`LOOK_AHEAD`]): each
         // page is looked at (dirty flag, hash, index lines prefetched) a few
         // pages before it is decided, its partner's record or page entry
@@ -417,18 +427,25 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
                 break;
             }
         }
-        // Dirty tracking: `look` cleared the dirty flag of each page it
-        // looked at. A translation the guest's TLB cached while the flag
-        // was set lets later writes go by without setting it again (SDM
-        // 29.4.3.4), so each VM whose flags were cleared gets one INVEPT
-        // here, for the whole batch, before its guest runs again. No guest
-        // write can fall between a clear and this flush: the guests do not
-        // run while the page manager is borrowed for `scan`. Every write
-        // after the flush sets the flag, so the next look sees it. (Were
-        // vCPUs to run during a scan, each page would need clear, flush,
-        // then hash, in that order.)
-        for v in vms.iter().flatten().filter(|v| v.track_dirty) {
-            v.mmu.flush_cleared_dirty();
+        // One TLB flush per VM for the whole batch, then the frames merged
+        // away are freed. Every flush the batch's invalidations called
+        // for (write-protects and frame replacements, Mmu::defer_flushes)
+        // was deferred to here, and so was the one that dirty tracking
+        // needs: `look` cleared the dirty flag of each page it looked at,
+        // and a translation the guest's TLB cached while the flag was set
+        // lets later writes go by without setting it again (SDM
+        // 29.4.3.4). Both are sound because no guest runs while the page
+        // manager is borrowed for `scan` (a vCPU can use no stale
+        // translation before this flush), and no frame is freed before it
+        // (the notifier contract). Every write after the flush sets the
+        // flag, so the next look sees it. (Were vCPUs to run during a
+        // scan, each merge would need its flushes at once and each page
+        // clear, flush, then hash, in that order.)
+        for v in vms.iter().flatten() {
+            v.mmu.flush_deferred();
+        }
+        for f in ksm.retired.drain(..) {
+            frames.free(f).expect("a private guest frame is ours");
         }
         res
     }
@@ -773,7 +790,7 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     let v = vms[vi].as_mut().unwrap();
     let old = install_merged(mem, ksm, v, si, pi, id);
     v.mmu.invalidate_range_end(r);
-    frames.free(old).expect("a private guest frame is ours");
+    ksm.retired.push(old);
     ksm.pass.merged += 2;
     2
 }

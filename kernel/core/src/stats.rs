@@ -64,6 +64,7 @@ pub(crate) fn add_mmu(t: &mut MmuStats, o: &MmuStats) {
     t.retries += o.retries;
     t.warnings += o.warnings;
     t.dirty_cleared += o.dirty_cleared;
+    t.tlb_flushes_deferred += o.tlb_flushes_deferred;
 }
 
 /// The dedupe engine's state, as Linux's KSM reports it.

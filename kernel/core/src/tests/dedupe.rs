@@ -305,7 +305,7 @@ fn scan_converges_and_unconverges_when_memory_changes() {
 #[test]
 fn one_change_bracket_per_merge() {
     let mut pm = pm(128, DedupeConfig::default());
-    let (v, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+    let (v, flush) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
     fill(&mut pm, v, &[7, 7, 7]);
     pm.scan(3); // checksums only
     let before = pm.vm_stats(v).unwrap().1;
@@ -320,6 +320,13 @@ fn one_change_bracket_per_merge() {
     assert_eq!(after.change_pte - before.change_pte, 2);
     assert_eq!(after.change_pte_installed - before.change_pte_installed, 2);
     assert_eq!(after.warnings, 0);
+    // Three write-protects of live entries and two frame replacements
+    // called for flushes: one INVEPT for the batch, after which the two
+    // private frames merged away are free.
+    assert_eq!(after.tlb_flushes - before.tlb_flushes, 1);
+    assert_eq!(after.tlb_flushes_deferred - before.tlb_flushes_deferred, 5);
+    assert_eq!(flush.count(), after.tlb_flushes);
+    pm.check_consistency().unwrap();
 }
 
 #[test]
