@@ -35,7 +35,7 @@
 use crate::content_index::ContentIndex;
 use crate::frame::FrameAllocator;
 use crate::mmu_notifier::{GfnRange, InvalidateEvent, Mmu};
-use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SHARED, F_TRACKED, F_UNSTABLE, NO_FRAME};
+use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, AUX_BITS, F_CSUM, F_SHARED, F_TRACKED, F_UNSTABLE, NO_FRAME};
 use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
 use crate::stage2::{Perms, Stage2};
 use crate::stats::KsmStats;
@@ -180,8 +180,16 @@ pub(crate) struct Ksm {
 /// The index key of content `hash` in sharing domain `domain`; never 0
 /// (the index's empty mark). Equal keys only nominate candidates: every
 /// merge is decided by a byte compare.
-fn key_of(hash: u64, domain: u32) -> u64 {
-    (hash ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+pub(crate) fn key_of(hash: u64, domain: u32) -> u64 {
+    // The checksum's bits back where the hash had them: the index takes a
+    // key's home slot from its top bits, which must be spread.
+    ((hash << (64 - AUX_BITS)) ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+}
+
+/// A page's checksum: the top [`AUX_BITS`] (60) bits of its xxh3-64 hash,
+/// what its page entry holds.
+pub(crate) fn checksum(page: &[u8; PAGE_SIZE]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page) >> (64 - AUX_BITS)
 }
 
 fn page_ref(vm: usize, gfn: u64) -> u64 {
@@ -202,7 +210,7 @@ impl Ksm {
             stable_index: ContentIndex::new(),
             unstable: ContentIndex::new(),
             zero_frames: Vec::new(),
-            zero_hash: xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]),
+            zero_hash: checksum(&[0u8; PAGE_SIZE]),
             cursor: (0, 0, 0),
             visited_this_pass: 0,
             pass: PassStats::default(),
@@ -334,7 +342,7 @@ fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, 
     let gfn = v.slots[si].base_gfn + pi as u64;
     let target = ksm.frame_of(id);
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
-    v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id as u64, flags: F_SHARED };
+    v.slots[si].pages[pi] = PageEntry::new(frame_number(target), id as u64, F_SHARED);
     v.private_frames -= 1; // its frame is freed: no longer charged to the VM
     ksm.stable[id as usize].sharers += 1;
     ksm.merges += 1;
@@ -483,9 +491,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         for v in self.vms.iter().flatten() {
             for slot in &v.slots {
                 for e in &slot.pages {
-                    if e.flags & F_UNSTABLE != 0 {
+                    if e.flags() & F_UNSTABLE != 0 {
                         s.pages_unshared += 1;
-                    } else if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
+                    } else if e.flags() & (F_CSUM | F_SHARED) == F_CSUM {
                         s.pages_volatile += 1;
                     }
                 }
@@ -502,14 +510,14 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             for slot in &v.slots {
                 for e in &slot.pages {
                     if e.shared() {
-                        let f = self.ksm.stable.get(e.aux as usize).ok_or("bad stable index")?;
-                        if e.flags & F_TRACKED != 0 {
+                        let f = self.ksm.stable.get(e.aux() as usize).ok_or("bad stable index")?;
+                        if e.flags() & F_TRACKED != 0 {
                             return Err("merged page with a tracked checksum");
                         }
                         if !f.live || f.frame != e.frame {
                             return Err("page mapped to a dead or different merged frame");
                         }
-                        counts[e.aux as usize] += 1;
+                        counts[e.aux() as usize] += 1;
                     } else if e.frame != NO_FRAME && !self.frames.is_allocated(e.pa()) {
                         return Err("private page on a free frame");
                     }
@@ -681,21 +689,21 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
     // mapped (or no tracking), so nothing tells whether it changed.
     let dirty = if v.track_dirty { v.mmu.test_and_clear_dirty(mem, gfn) } else { None };
     let e = &mut v.slots[si].pages[pi];
-    e.flags &= !F_UNSTABLE; // it left last pass's unstable index
+    e.clear_flags(F_UNSTABLE); // it left last pass's unstable index
     let tracked = F_CSUM | F_TRACKED;
-    let hash = if dirty == Some(false) && e.flags & tracked == tracked {
+    let hash = if dirty == Some(false) && e.flags() & tracked == tracked {
         // Unchanged since the checksum was taken: it still holds.
         ksm.checksums_reused += 1;
-        e.aux
+        e.aux()
     } else {
-        xxhash_rust::xxh3::xxh3_64(mem.page(e.pa()))
+        checksum(mem.page(e.pa()))
     };
     // From now on the checksum (kept or stored below) is the content the
     // page has while its dirty flag stays clear, if it has one.
     if dirty.is_some() {
-        e.flags |= F_TRACKED;
+        e.add_flags(F_TRACKED);
     } else {
-        e.flags &= !F_TRACKED;
+        e.clear_flags(F_TRACKED);
     }
     let key = key_of(hash, domain);
     ksm.stable_index.prefetch(key);
@@ -733,9 +741,9 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     // its dirty flag tracks it from now on (first look).
     let e = &mut v.slots[si].pages[pi];
     let sum = hash;
-    if e.flags & F_CSUM == 0 || e.aux != sum {
-        e.aux = sum;
-        e.flags |= F_CSUM;
+    if e.flags() & F_CSUM == 0 || e.aux() != sum {
+        e.set_aux(sum);
+        e.add_flags(F_CSUM);
         ksm.pass.changed += 1;
         if !first_look {
             return 0;
@@ -763,7 +771,7 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     };
     let Some((qvi, qsi, qpi)) = twin else {
         ksm.unstable.insert(key, me);
-        vms[vi].as_mut().unwrap().slots[si].pages[pi].flags |= F_UNSTABLE;
+        vms[vi].as_mut().unwrap().slots[si].pages[pi].add_flags(F_UNSTABLE);
         return 0;
     };
     // The twin's frame becomes the merged frame: it is only write-protected
@@ -785,7 +793,7 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     ksm.stable[id as usize].sharers = 1;
     ksm.merges += 1;
     let q = vms[qvi].as_mut().unwrap();
-    q.slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id as u64, flags: F_SHARED };
+    q.slots[qsi].pages[qpi] = PageEntry::new(qe.frame, id as u64, F_SHARED);
     q.private_frames -= 1; // the frame is the dedupe's now, charged to no VM
     let v = vms[vi].as_mut().unwrap();
     let old = install_merged(mem, ksm, v, si, pi, id);
@@ -817,9 +825,9 @@ fn valid_twin<P: PhysMem, S: Stage2>(
     let gfn = q & ((1 << 40) - 1);
     let (si, pi) = v.find(gfn)?;
     let e = v.slots[si].pages[pi];
-    let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags & (F_SHARED | F_CSUM) == F_CSUM && e.aux == sum;
-    if ok && first_look && v.track_dirty && e.flags & F_TRACKED != 0 && v.mmu.test_and_clear_dirty(mem, gfn) != Some(false) {
-        v.slots[si].pages[pi].flags &= !F_TRACKED;
+    let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags() & (F_SHARED | F_CSUM) == F_CSUM && e.aux() == sum;
+    if ok && first_look && v.track_dirty && e.flags() & F_TRACKED != 0 && v.mmu.test_and_clear_dirty(mem, gfn) != Some(false) {
+        v.slots[si].pages[pi].clear_flags(F_TRACKED);
         return None;
     }
     ok.then_some((qvi, si, pi))

@@ -339,7 +339,7 @@ fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
         let id = {
             let vm = pm.vm(v).unwrap();
             assert!(vm.slots[0].pages[0].shared());
-            vm.slots[0].pages[0].aux as u32
+            vm.slots[0].pages[0].aux() as u32
         };
         let own = pm.backing_frame(v, gpa(2)).unwrap();
         let before = pm.vm_stats(v).unwrap().1;
@@ -645,4 +645,20 @@ fn a_page_without_a_dirty_flag_to_watch_waits_for_a_second_look() {
     assert_eq!(pm.ksm_stats().first_looks, 0);
     assert_eq!(pm.scan(2).merged, 2);
     assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+}
+
+#[test]
+fn index_keys_spread_their_top_bits() {
+    // The content index takes a key's home slot from its top bits: keys
+    // of a 60-bit checksum must still use all of them (else every lookup
+    // lands in a fraction of the table and probes long runs).
+    let mut seen = [0u32; 16];
+    let mut page = [0u8; 4096];
+    for i in 0..1024u32 {
+        page[..4].copy_from_slice(&i.to_le_bytes());
+        let sum = crate::dedupe::checksum(&page);
+        assert_eq!(sum >> crate::page_manager::AUX_BITS, 0, "a checksum fits in a page entry");
+        seen[(crate::dedupe::key_of(sum, 0) >> 60) as usize] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 30), "top bits of keys: {seen:?}");
 }
