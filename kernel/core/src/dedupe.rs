@@ -236,6 +236,13 @@ impl Ksm {
                 id
             }
             None => {
+                // Grow by an eighth, not double: the records are the
+                // largest part of the metadata when many frames are merged,
+                // and a doubled Vec leaves up to half of it unused (the
+                // copies cost 8 record moves per record in all).
+                if self.stable.len() == self.stable.capacity() {
+                    self.stable.reserve_exact((self.stable.len() / 8).max(64));
+                }
                 self.stable.push(rec);
                 (self.stable.len() - 1) as u32
             }
