@@ -557,8 +557,11 @@ const PARTNER_AT: usize = 2;
 /// Cache lines of the partner page prefetched (the hardware prefetcher
 /// follows the compare's stream for the rest).
 const PARTNER_LINES: usize = 8;
-/// Cache lines of the next page to look at prefetched by a look.
-const NEXT_PAGE_LINES: usize = 64;
+/// Cache lines of the next page to look at prefetched by a look (the
+/// hash streams the rest): 32 measured best of 0/16/32/64; 64 at once
+/// stall on the line-fill buffers (perf: the samples sit after the
+/// prefetches).
+const NEXT_PAGE_LINES: usize = 32;
 
 /// What was learnt about the merge partner of a looked-at page before its
 /// decision (only to prefetch: the decision looks again).
