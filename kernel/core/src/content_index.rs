@@ -153,6 +153,20 @@ impl ContentIndex {
         Some(val)
     }
 
+    /// Whether one more new key would make the index grow.
+    pub fn full(&self) -> bool {
+        self.slots.is_empty() || !Self::fits(self.slots.len(), self.len + 1)
+    }
+
+    /// Empties the index and gives its slots back (a caller that can list
+    /// the entries again rebuilds a larger index without holding the old
+    /// and the new table at once).
+    pub fn release(&mut self) {
+        self.slots = Vec::new();
+        self.len = 0;
+        self.shift = 64;
+    }
+
     /// Empties the index, keeping its slots.
     pub fn clear(&mut self) {
         if self.len > 0 {
@@ -215,6 +229,12 @@ mod tests {
         assert_eq!((t.get(3), t.get(5), t.len()), (None, Some(50), 1));
         t.clear();
         assert_eq!((t.get(5), t.len()), (None, 0));
+        assert!(!t.full());
+        t.release();
+        assert_eq!((t.get(5), t.len(), t.bytes()), (None, 0, 0));
+        assert!(t.full(), "no slots: the next key needs room");
+        assert_eq!(t.insert(5, 51), None);
+        assert_eq!(t.get(5), Some(51));
     }
 
     #[test]
@@ -222,8 +242,10 @@ mod tests {
         let mut t = ContentIndex::new();
         let key = |k: u64| (k << 58) | 1;
         for k in 0..12 {
+            assert!(!t.full() || k == 0);
             t.insert(key(k), k); // 12 of 16 slots: the 3/4 limit
         }
+        assert!(t.full());
         assert_eq!(t.bytes(), 16 * 16);
         assert_eq!(t.insert(key(3), 99), Some(3));
         assert_eq!(t.bytes(), 16 * 16, "a replacement at the limit grew the table");

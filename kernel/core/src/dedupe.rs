@@ -531,6 +531,13 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
                 }
             }
         }
+        // The unstable index holds every marked page behind the cursor,
+        // each under its own key (and may hold pages discarded since).
+        for (key, r) in unstable_members(&self.vms, self.ksm.cursor) {
+            if self.ksm.unstable.get(key) != Some(r) {
+                return Err("a marked page missing from the unstable index");
+            }
+        }
         for (i, f) in self.ksm.stable.iter().enumerate() {
             if f.live && (f.sharers != counts[i] || f.sharers == 0) {
                 return Err("merged frame count differs from its mappings");
@@ -629,6 +636,48 @@ fn entry_of<S: Stage2>(vms: &[Option<Vm<S>>], q: u64) -> Option<&PageEntry> {
     let v = vms.get((q >> 40) as usize)?.as_ref()?;
     let (si, pi) = v.find(q & ((1 << 40) - 1))?;
     Some(&v.slots[si].pages[pi])
+}
+
+fn entry_of_mut<S: Stage2>(vms: &mut [Option<Vm<S>>], q: u64) -> Option<&mut PageEntry> {
+    let v = vms.get_mut((q >> 40) as usize)?.as_mut()?;
+    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    Some(&mut v.slots[si].pages[pi])
+}
+
+/// The pages in the unstable index: those marked [`F_UNSTABLE`] that this
+/// pass has already passed (behind the cursor; the ones after it are
+/// last pass's, left in no index by `finish_pass`, and keep the mark
+/// until their next look, as KSM counts them in `pages_unshared`).
+fn unstable_members<S: Stage2>(vms: &[Option<Vm<S>>], cursor: (usize, usize, usize)) -> impl Iterator<Item = (u64, u64)> + '_ {
+    vms.iter().enumerate().take(cursor.0 + 1).flat_map(move |(vi, v)| {
+        let v = v.as_ref().filter(|v| v.domain.is_some());
+        v.into_iter().flat_map(move |v| {
+            let domain = v.domain.unwrap_or(0);
+            v.slots.iter().enumerate().flat_map(move |(si, s)| {
+                s.pages.iter().enumerate().filter(move |&(pi, e)| (vi, si, pi) < cursor && e.flags() & F_UNSTABLE != 0).map(
+                    move |(pi, e)| (key_of(e.aux(), domain), page_ref(vi, s.base_gfn + pi as u64)),
+                )
+            })
+        })
+    })
+}
+
+/// Grows the unstable index for one more entry by rebuilding it from the
+/// page entries ([`unstable_members`]): the old table is freed first, so
+/// the old and the new one are never both held (the index's peak is what
+/// the metadata per page is measured by). Entries of pages discarded or
+/// torn down since their insertion are dropped (a lookup would have
+/// refused them).
+fn grow_unstable<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &mut Ksm) {
+    let len = ksm.unstable.len();
+    ksm.unstable.release();
+    ksm.unstable.reserve(len + 1);
+    for (key, r) in unstable_members(vms, ksm.cursor) {
+        let old = ksm.unstable.insert(key, r);
+        debug_assert!(old.is_none(), "two marked pages with one key");
+    }
+    // Entries of pages discarded or torn down since are left out.
+    debug_assert!(ksm.unstable.len() <= len, "the marks and the index disagree");
 }
 
 /// Reads the index lines (prefetched by the look) for the partner a
@@ -780,7 +829,16 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
         _ => None,
     };
     let Some((qvi, qsi, qpi)) = twin else {
-        ksm.unstable.insert(key, me);
+        if ksm.unstable.full() {
+            grow_unstable(vms, ksm);
+        }
+        // A page with this key from earlier in the pass (changed, or a
+        // failed candidate) is no longer in the index.
+        if let Some(old) = ksm.unstable.insert(key, me) {
+            if let Some(e) = entry_of_mut(vms, old) {
+                e.clear_flags(F_UNSTABLE);
+            }
+        }
         vms[vi].as_mut().unwrap().slots[si].pages[pi].add_flags(F_UNSTABLE);
         return 0;
     };

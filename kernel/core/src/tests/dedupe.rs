@@ -662,3 +662,23 @@ fn index_keys_spread_their_top_bits() {
     }
     assert!(seen.iter().all(|&n| n > 30), "top bits of keys: {seen:?}");
 }
+
+#[test]
+fn the_unstable_index_keeps_its_candidates_when_it_grows() {
+    // 40 different pages fill the unstable index past its first sizes
+    // (it is rebuilt from the page entries as it grows); the last page
+    // equals the first and must still find it, in the same pass.
+    let mut pm = pm(256, tracking());
+    let (v, _) = vm(&mut pm, 41, true, NotifierMode::ChangePte, None);
+    let bytes: Vec<u8> = (0..41).map(|p| if p == 40 { 1 } else { p as u8 + 1 }).collect();
+    fill(&mut pm, v, &bytes);
+    let r = pm.scan(41);
+    assert_eq!((r.full_scans_completed, r.merged), (1, 2));
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(40)));
+    assert_eq!(pm.ksm_stats().pages_unshared, 39);
+    pm.check_consistency().unwrap();
+    // Mid-pass, the index holds the pages behind the cursor.
+    pm.scan(20);
+    pm.check_consistency().unwrap();
+    assert_eq!(pm.ksm_stats().pages_unshared, 39);
+}
