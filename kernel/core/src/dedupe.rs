@@ -132,18 +132,33 @@ pub struct PassStats {
 
 const NIL: u32 = u32::MAX;
 
-/// A merged frame (KSM's stable node). 24 bytes.
+/// A merged frame (KSM's stable node). 20 bytes (packed to 4-byte
+/// alignment: a record per merged frame is a large part of the metadata
+/// when many frames are merged).
 #[derive(Clone, Copy, Debug)]
+#[repr(C, packed(4))]
 struct StableFrame {
+    /// Its index key; 0 for a zero frame (index keys are never 0).
     key: u64,
+    /// Its host frame; [`NO_FRAME`] once freed (the record is then free
+    /// for reuse).
     frame: u32,
     /// Guest pages mapped to it; freed at zero.
     sharers: u32,
     /// Next merged frame with the same key (KSM's stable_node chain of
     /// dups, when `max_page_sharing` filled one).
     next: u32,
-    zero: bool,
-    live: bool,
+}
+
+const _: () = assert!(core::mem::size_of::<StableFrame>() == 20);
+
+impl StableFrame {
+    fn live(&self) -> bool {
+        self.frame != NO_FRAME
+    }
+    fn zero(&self) -> bool {
+        self.key == 0
+    }
 }
 
 /// The dedupe engine's state, kept by the page manager.
@@ -251,10 +266,32 @@ impl Ksm {
 
     /// A new merged frame for content `key`, first in its chain.
     fn new_stable(&mut self, frame: u32, key: u64) -> u32 {
+        if self.stable_index.full() {
+            self.grow_stable_index();
+        }
         let next = self.stable_index.get(key).map_or(NIL, |id| id as u32);
-        let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next, zero: false, live: true });
+        let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next });
         self.stable_index.insert(key, id as u64);
         id
+    }
+
+    /// Grows the stable index by a rebuild from the records (each chain's
+    /// head: the live, non-zero record no other record's `next` names),
+    /// with the old table freed first, so the two are never both held.
+    fn grow_stable_index(&mut self) {
+        let len = self.stable_index.len();
+        self.stable_index.release();
+        self.stable_index.reserve(len + 1 + len / 4);
+        let mut named = alloc::vec![0u64; self.stable.len().div_ceil(64)];
+        for s in self.stable.iter().filter(|s| s.live() && s.next != NIL) {
+            named[s.next as usize / 64] |= 1 << (s.next % 64);
+        }
+        for (id, s) in self.stable.iter().enumerate() {
+            if s.live() && !s.zero() && named[id / 64] & (1 << (id % 64)) == 0 {
+                self.stable_index.insert(s.key, id as u64);
+            }
+        }
+        debug_assert_eq!(self.stable_index.len(), len, "a chain head lost");
     }
 
     /// The first merged frame with content `key` that has room.
@@ -276,7 +313,7 @@ impl Ksm {
         }
         let f = frames.alloc()?;
         mem.zero_page(f);
-        let id = self.alloc_id(StableFrame { key: 0, frame: frame_number(f), sharers: 0, next: NIL, zero: true, live: true });
+        let id = self.alloc_id(StableFrame { key: 0, frame: frame_number(f), sharers: 0, next: NIL });
         self.zero_frames.push((domain, id));
         Some(id)
     }
@@ -285,7 +322,7 @@ impl Ksm {
     /// is freed and leaves the index when none is left.
     pub fn put(&mut self, frames: &mut FrameAllocator, id: u32) {
         let s = &mut self.stable[id as usize];
-        assert!(s.live && s.sharers > 0, "reference to a dead merged frame {id}");
+        assert!(s.live() && s.sharers > 0, "reference to a dead merged frame {id}");
         s.sharers -= 1;
         if s.sharers == 0 {
             self.remove(frames, id);
@@ -294,7 +331,7 @@ impl Ksm {
 
     fn remove(&mut self, frames: &mut FrameAllocator, id: u32) {
         let s = self.stable[id as usize];
-        if s.zero {
+        if s.zero() {
             self.zero_frames.retain(|&(_, z)| z != id);
         } else {
             let head = self.stable_index.get(s.key).expect("a merged frame is in the index") as u32;
@@ -314,7 +351,7 @@ impl Ksm {
             }
         }
         frames.free(self.frame_of(id)).expect("a merged frame is ours");
-        self.stable[id as usize].live = false;
+        self.stable[id as usize].frame = NO_FRAME;
         self.free_ids.push(id);
     }
 
@@ -329,6 +366,9 @@ impl Ksm {
         // them cost 34 bytes per page); a pass that needs more grows it.
         let want = self.unstable.len();
         self.unstable.clear();
+        if !self.unstable.fits_total(want + want / 8) {
+            self.unstable.release(); // empty anyway: no old+new peak
+        }
         self.unstable.reserve(want + want / 8);
         self.visited_this_pass = 0;
     }
@@ -376,7 +416,7 @@ pub(crate) fn merge_into<P: PhysMem, S: Stage2>(
     let r = GfnRange::one(v.slots[si].base_gfn + pi as u64);
     v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     let page = mem.page(v.slots[si].pages[pi].pa());
-    let equal = if ksm.stable[id as usize].zero { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
+    let equal = if ksm.stable[id as usize].zero() { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
     let old = equal.then(|| install_merged(mem, ksm, v, si, pi, id));
     v.mmu.invalidate_range_end(r);
     match old {
@@ -487,8 +527,8 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             first_looks: k.first_look,
             ..KsmStats::default()
         };
-        for f in k.stable.iter().filter(|f| f.live) {
-            if f.zero {
+        for f in k.stable.iter().filter(|f| f.live()) {
+            if f.zero() {
                 s.zero_pages += f.sharers as u64;
             } else {
                 s.pages_shared += 1;
@@ -521,7 +561,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
                         if e.flags() & F_TRACKED != 0 {
                             return Err("merged page with a tracked checksum");
                         }
-                        if !f.live || f.frame != e.frame {
+                        if !f.live() || f.frame != e.frame {
                             return Err("page mapped to a dead or different merged frame");
                         }
                         counts[e.aux() as usize] += 1;
@@ -539,10 +579,10 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         }
         for (i, f) in self.ksm.stable.iter().enumerate() {
-            if f.live && (f.sharers != counts[i] || f.sharers == 0) {
+            if f.live() && (f.sharers != counts[i] || f.sharers == 0) {
                 return Err("merged frame count differs from its mappings");
             }
-            if f.live && f.sharers > self.ksm.config.max_page_sharing && !f.zero {
+            if f.live() && f.sharers > self.ksm.config.max_page_sharing && !f.zero() {
                 return Err("merged frame over max_page_sharing");
             }
         }
@@ -671,7 +711,7 @@ fn unstable_members<S: Stage2>(vms: &[Option<Vm<S>>], cursor: (usize, usize, usi
 fn grow_unstable<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &mut Ksm) {
     let len = ksm.unstable.len();
     ksm.unstable.release();
-    ksm.unstable.reserve(len + 1);
+    ksm.unstable.reserve(len + 1 + len / 4);
     for (key, r) in unstable_members(vms, ksm.cursor) {
         let old = ksm.unstable.insert(key, r);
         debug_assert!(old.is_none(), "two marked pages with one key");
@@ -698,7 +738,7 @@ fn peek_partner<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, l: &mut Looked) {
 fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm, l: &Looked) {
     let frame = match l.hint {
         Hint::None => return,
-        Hint::Stable(id) => ksm.stable.get(id as usize).filter(|s| s.live).map(|s| s.frame),
+        Hint::Stable(id) => ksm.stable.get(id as usize).filter(|s| s.live()).map(|s| s.frame),
         Hint::Twin(q) => entry_of(vms, q).map(|e| e.frame),
     };
     if let Some(f) = frame.filter(|&f| f != NO_FRAME) {

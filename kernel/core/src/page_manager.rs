@@ -155,6 +155,8 @@ pub(crate) struct PageEntry {
     word: u64,
 }
 
+const _: () = assert!(core::mem::size_of::<PageEntry>() == 12);
+
 const FLAG_BITS: u32 = 4;
 const FLAG_MASK: u64 = (1 << FLAG_BITS) - 1;
 /// The widest value [`PageEntry::aux`] holds.
