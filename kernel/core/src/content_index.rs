@@ -30,8 +30,6 @@ const MIN_SLOTS: usize = 16;
 pub(crate) struct ContentIndex {
     slots: Vec<Slot>,
     len: usize,
-    /// 64 - log2(slots): the home slot is `key >> shift`.
-    shift: u32,
 }
 
 impl ContentIndex {
@@ -39,7 +37,6 @@ impl ContentIndex {
         ContentIndex {
             slots: Vec::new(),
             len: 0,
-            shift: 64,
         }
     }
 
@@ -47,13 +44,16 @@ impl ContentIndex {
         self.len
     }
 
-    fn mask(&self) -> usize {
-        self.slots.len().wrapping_sub(1)
+    /// The key's top bits scaled to the table (Lemire's multiply-shift
+    /// "fastrange"): monotone in the key like `key >> shift` for a power
+    /// of two, but for any table size, so the table can be sized to what
+    /// it holds instead of to the next power of two.
+    fn home(&self, key: u64) -> usize {
+        ((key as u128 * self.slots.len() as u128) >> 64) as usize
     }
 
-    fn home(&self, key: u64) -> usize {
-        // shift is 64 only while there are no slots (never called then).
-        (key >> self.shift) as usize
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() { 0 } else { i + 1 }
     }
 
     /// At most 3/4 full (3/8 just after growing): an unsuccessful lookup,
@@ -76,13 +76,12 @@ impl ContentIndex {
     #[inline]
     fn probe(&self, key: u64) -> (usize, bool) {
         debug_assert_ne!(key, EMPTY, "key 0 marks empty slots");
-        let mask = self.mask();
         let mut i = self.home(key);
         loop {
             match self.slots[i][0] {
                 k if k == key => return (i, true),
                 EMPTY => return (i, false),
-                _ => i = (i + 1) & mask,
+                _ => i = self.next(i),
             }
         }
     }
@@ -101,7 +100,7 @@ impl ContentIndex {
     /// Sets `key`'s value; returns the one it replaced.
     pub fn insert(&mut self, key: u64, val: u64) -> Option<u64> {
         if self.slots.is_empty() {
-            self.reserve(1);
+            self.reserve(MIN_SLOTS * 3 / 4);
         }
         let (mut i, found) = self.probe(key);
         if found {
@@ -109,7 +108,7 @@ impl ContentIndex {
         }
         // Grow only for a new key (a replacement at the limit must not).
         if !Self::fits(self.slots.len(), self.len + 1) {
-            self.reserve(self.len + 1);
+            self.reserve(self.len + 1 + self.len / 4);
             i = self.probe(key).0;
         }
         self.slots[i] = [key, val];
@@ -130,10 +129,9 @@ impl ContentIndex {
         // Backward shift: move each later entry of the run into the hole
         // unless its home lies cyclically after the hole (then it must
         // stay where a lookup from its home still reaches it).
-        let mask = self.mask();
         let mut j = hole;
         loop {
-            j = (j + 1) & mask;
+            j = self.next(j);
             let k = self.slots[j][0];
             if k == EMPTY {
                 break;
@@ -153,6 +151,24 @@ impl ContentIndex {
         Some(val)
     }
 
+    /// Whether `total` entries fit without growing.
+    pub fn fits_total(&self, total: usize) -> bool {
+        !self.slots.is_empty() && Self::fits(self.slots.len(), total)
+    }
+
+    /// Whether one more new key would make the index grow.
+    pub fn full(&self) -> bool {
+        self.slots.is_empty() || !Self::fits(self.slots.len(), self.len + 1)
+    }
+
+    /// Empties the index and gives its slots back (a caller that can list
+    /// the entries again rebuilds a larger index without holding the old
+    /// and the new table at once).
+    pub fn release(&mut self) {
+        self.slots = Vec::new();
+        self.len = 0;
+    }
+
     /// Empties the index, keeping its slots.
     pub fn clear(&mut self) {
         if self.len > 0 {
@@ -161,21 +177,18 @@ impl ContentIndex {
         }
     }
 
-    /// Makes room for `total` entries without growing again.
+    /// Makes room for `total` entries without growing again: a table at
+    /// most 3/4 full with them (a quarter more for an insert that grows,
+    /// so growing stays amortized O(1) at a quarter of unused slots on
+    /// average, not the half a power-of-two table leaves).
     pub fn reserve(&mut self, total: usize) {
         if !self.slots.is_empty() && Self::fits(self.slots.len(), total) {
             return;
         }
-        let mut n = self.slots.len().max(MIN_SLOTS);
-        while !Self::fits(n, total) {
-            n = n.checked_mul(2).expect("content index capacity overflow");
-        }
-        if n == self.slots.len() {
-            return;
-        }
+        let n = total.checked_mul(4).expect("content index capacity overflow").div_ceil(3).max(MIN_SLOTS);
+        debug_assert!(Self::fits(n, total));
         // vec![[0u64; 2]; n] is one zeroed allocation (no stores).
         let old = core::mem::replace(&mut self.slots, alloc::vec![[EMPTY, 0]; n]);
-        self.shift = 64 - n.trailing_zeros();
         // With the home slot in the key's top bits, the old table's entries
         // come out nearly in home order (but for a run that wrapped past
         // its end) and land in the new table in that order: both tables
@@ -215,6 +228,12 @@ mod tests {
         assert_eq!((t.get(3), t.get(5), t.len()), (None, Some(50), 1));
         t.clear();
         assert_eq!((t.get(5), t.len()), (None, 0));
+        assert!(!t.full());
+        t.release();
+        assert_eq!((t.get(5), t.len(), t.bytes()), (None, 0, 0));
+        assert!(t.full(), "no slots: the next key needs room");
+        assert_eq!(t.insert(5, 51), None);
+        assert_eq!(t.get(5), Some(51));
     }
 
     #[test]
@@ -222,13 +241,16 @@ mod tests {
         let mut t = ContentIndex::new();
         let key = |k: u64| (k << 58) | 1;
         for k in 0..12 {
+            assert!(!t.full() || k == 0);
             t.insert(key(k), k); // 12 of 16 slots: the 3/4 limit
         }
+        assert!(t.full());
         assert_eq!(t.bytes(), 16 * 16);
         assert_eq!(t.insert(key(3), 99), Some(3));
         assert_eq!(t.bytes(), 16 * 16, "a replacement at the limit grew the table");
         assert_eq!(t.insert(key(12), 12), None);
-        assert_eq!(t.bytes(), 32 * 16);
+        // 13 entries and a quarter more (16), at most 3/4 full: 22 slots.
+        assert_eq!(t.bytes(), 22 * 16);
         assert_eq!((0..13).map(|k| t.get(key(k)).unwrap()).sum::<u64>(), (0..13).sum::<u64>() - 3 + 99);
     }
 

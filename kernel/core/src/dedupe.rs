@@ -35,7 +35,7 @@
 use crate::content_index::ContentIndex;
 use crate::frame::FrameAllocator;
 use crate::mmu_notifier::{GfnRange, InvalidateEvent, Mmu};
-use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, F_CSUM, F_SHARED, F_TRACKED, F_UNSTABLE, NO_FRAME};
+use crate::page_manager::{frame_number, PageEntry, PageManager, Vm, AUX_BITS, F_CSUM, F_SHARED, F_TRACKED, F_UNSTABLE, NO_FRAME};
 use crate::phys::{PhysAddr, PhysMem, PAGE_SHIFT, PAGE_SIZE};
 use crate::stage2::{Perms, Stage2};
 use crate::stats::KsmStats;
@@ -89,11 +89,25 @@ pub struct DedupeConfig {
     /// `mmu.eptp(mmu.accessed_dirty())`; off, every look hashes the page
     /// (KSM's checksum rule). Same merges either way.
     pub track_dirty: bool,
+    /// With `track_dirty`: merge at the first look, as ESX does
+    /// (Waldspurger, OSDI 2002): a page just hashed enters the unstable
+    /// index at once, and a page matching it is compared and merged in the
+    /// same pass if the candidate's dirty flag says it has not changed
+    /// since its hash. Off (or without dirty flags for the page): KSM's
+    /// two-look rule, a page is a candidate only once its checksum held
+    /// between two looks. The byte compare decides every merge either way.
+    pub merge_at_first_look: bool,
 }
 
 impl Default for DedupeConfig {
     fn default() -> Self {
-        DedupeConfig { policy: SharingPolicy::AllVms, max_page_sharing: 256, use_zero_pages: true, track_dirty: false }
+        DedupeConfig {
+            policy: SharingPolicy::AllVms,
+            max_page_sharing: 256,
+            use_zero_pages: true,
+            track_dirty: false,
+            merge_at_first_look: true,
+        }
     }
 }
 
@@ -118,18 +132,33 @@ pub struct PassStats {
 
 const NIL: u32 = u32::MAX;
 
-/// A merged frame (KSM's stable node). 24 bytes.
+/// A merged frame (KSM's stable node). 20 bytes (packed to 4-byte
+/// alignment: a record per merged frame is a large part of the metadata
+/// when many frames are merged).
 #[derive(Clone, Copy, Debug)]
+#[repr(C, packed(4))]
 struct StableFrame {
+    /// Its index key; 0 for a zero frame (index keys are never 0).
     key: u64,
+    /// Its host frame; [`NO_FRAME`] once freed (the record is then free
+    /// for reuse).
     frame: u32,
     /// Guest pages mapped to it; freed at zero.
     sharers: u32,
     /// Next merged frame with the same key (KSM's stable_node chain of
     /// dups, when `max_page_sharing` filled one).
     next: u32,
-    zero: bool,
-    live: bool,
+}
+
+const _: () = assert!(core::mem::size_of::<StableFrame>() == 20);
+
+impl StableFrame {
+    fn live(&self) -> bool {
+        self.frame != NO_FRAME
+    }
+    fn zero(&self) -> bool {
+        self.key == 0
+    }
 }
 
 /// The dedupe engine's state, kept by the page manager.
@@ -155,13 +184,27 @@ pub(crate) struct Ksm {
     scanned: u64,
     /// Looks that reused the stored checksum (dirty flag clear).
     checksums_reused: u64,
+    /// Looks that made a changed page a candidate at once (first look).
+    first_look: u64,
+    /// Private frames merged away during a `scan` call: freed at its end,
+    /// after the one TLB flush per VM that covers them (at most one per
+    /// page of the batch; the capacity is kept).
+    retired: Vec<PhysAddr>,
 }
 
 /// The index key of content `hash` in sharing domain `domain`; never 0
 /// (the index's empty mark). Equal keys only nominate candidates: every
 /// merge is decided by a byte compare.
-fn key_of(hash: u64, domain: u32) -> u64 {
-    (hash ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+pub(crate) fn key_of(hash: u64, domain: u32) -> u64 {
+    // The checksum's bits back where the hash had them: the index takes a
+    // key's home slot from its top bits, which must be spread.
+    ((hash << (64 - AUX_BITS)) ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+}
+
+/// A page's checksum: the top [`AUX_BITS`] (60) bits of its xxh3-64 hash,
+/// what its page entry holds.
+pub(crate) fn checksum(page: &[u8; PAGE_SIZE]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page) >> (64 - AUX_BITS)
 }
 
 fn page_ref(vm: usize, gfn: u64) -> u64 {
@@ -182,7 +225,7 @@ impl Ksm {
             stable_index: ContentIndex::new(),
             unstable: ContentIndex::new(),
             zero_frames: Vec::new(),
-            zero_hash: xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]),
+            zero_hash: checksum(&[0u8; PAGE_SIZE]),
             cursor: (0, 0, 0),
             visited_this_pass: 0,
             pass: PassStats::default(),
@@ -192,6 +235,8 @@ impl Ksm {
             mismatches: 0,
             scanned: 0,
             checksums_reused: 0,
+            first_look: 0,
+            retired: Vec::new(),
         }
     }
 
@@ -206,6 +251,13 @@ impl Ksm {
                 id
             }
             None => {
+                // Grow by an eighth, not double: the records are the
+                // largest part of the metadata when many frames are merged,
+                // and a doubled Vec leaves up to half of it unused (the
+                // copies cost 8 record moves per record in all).
+                if self.stable.len() == self.stable.capacity() {
+                    self.stable.reserve_exact((self.stable.len() / 8).max(64));
+                }
                 self.stable.push(rec);
                 (self.stable.len() - 1) as u32
             }
@@ -214,10 +266,32 @@ impl Ksm {
 
     /// A new merged frame for content `key`, first in its chain.
     fn new_stable(&mut self, frame: u32, key: u64) -> u32 {
+        if self.stable_index.full() {
+            self.grow_stable_index();
+        }
         let next = self.stable_index.get(key).map_or(NIL, |id| id as u32);
-        let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next, zero: false, live: true });
+        let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next });
         self.stable_index.insert(key, id as u64);
         id
+    }
+
+    /// Grows the stable index by a rebuild from the records (each chain's
+    /// head: the live, non-zero record no other record's `next` names),
+    /// with the old table freed first, so the two are never both held.
+    fn grow_stable_index(&mut self) {
+        let len = self.stable_index.len();
+        self.stable_index.release();
+        self.stable_index.reserve(len + 1 + len / 4);
+        let mut named = alloc::vec![0u64; self.stable.len().div_ceil(64)];
+        for s in self.stable.iter().filter(|s| s.live() && s.next != NIL) {
+            named[s.next as usize / 64] |= 1 << (s.next % 64);
+        }
+        for (id, s) in self.stable.iter().enumerate() {
+            if s.live() && !s.zero() && named[id / 64] & (1 << (id % 64)) == 0 {
+                self.stable_index.insert(s.key, id as u64);
+            }
+        }
+        debug_assert_eq!(self.stable_index.len(), len, "a chain head lost");
     }
 
     /// The first merged frame with content `key` that has room.
@@ -239,7 +313,7 @@ impl Ksm {
         }
         let f = frames.alloc()?;
         mem.zero_page(f);
-        let id = self.alloc_id(StableFrame { key: 0, frame: frame_number(f), sharers: 0, next: NIL, zero: true, live: true });
+        let id = self.alloc_id(StableFrame { key: 0, frame: frame_number(f), sharers: 0, next: NIL });
         self.zero_frames.push((domain, id));
         Some(id)
     }
@@ -248,7 +322,7 @@ impl Ksm {
     /// is freed and leaves the index when none is left.
     pub fn put(&mut self, frames: &mut FrameAllocator, id: u32) {
         let s = &mut self.stable[id as usize];
-        assert!(s.live && s.sharers > 0, "reference to a dead merged frame {id}");
+        assert!(s.live() && s.sharers > 0, "reference to a dead merged frame {id}");
         s.sharers -= 1;
         if s.sharers == 0 {
             self.remove(frames, id);
@@ -257,7 +331,7 @@ impl Ksm {
 
     fn remove(&mut self, frames: &mut FrameAllocator, id: u32) {
         let s = self.stable[id as usize];
-        if s.zero {
+        if s.zero() {
             self.zero_frames.retain(|&(_, z)| z != id);
         } else {
             let head = self.stable_index.get(s.key).expect("a merged frame is in the index") as u32;
@@ -277,7 +351,7 @@ impl Ksm {
             }
         }
         frames.free(self.frame_of(id)).expect("a merged frame is ours");
-        self.stable[id as usize].live = false;
+        self.stable[id as usize].frame = NO_FRAME;
         self.free_ids.push(id);
     }
 
@@ -292,6 +366,9 @@ impl Ksm {
         // them cost 34 bytes per page); a pass that needs more grows it.
         let want = self.unstable.len();
         self.unstable.clear();
+        if !self.unstable.fits_total(want + want / 8) {
+            self.unstable.release(); // empty anyway: no old+new peak
+        }
         self.unstable.reserve(want + want / 8);
         self.visited_this_pass = 0;
     }
@@ -312,7 +389,7 @@ fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, 
     let gfn = v.slots[si].base_gfn + pi as u64;
     let target = ksm.frame_of(id);
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
-    v.slots[si].pages[pi] = PageEntry { frame: frame_number(target), aux: id as u64, flags: F_SHARED };
+    v.slots[si].pages[pi] = PageEntry::new(frame_number(target), id as u64, F_SHARED);
     v.private_frames -= 1; // its frame is freed: no longer charged to the VM
     ksm.stable[id as usize].sharers += 1;
     ksm.merges += 1;
@@ -339,11 +416,13 @@ pub(crate) fn merge_into<P: PhysMem, S: Stage2>(
     let r = GfnRange::one(v.slots[si].base_gfn + pi as u64);
     v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     let page = mem.page(v.slots[si].pages[pi].pa());
-    let equal = if ksm.stable[id as usize].zero { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
+    let equal = if ksm.stable[id as usize].zero() { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
     let old = equal.then(|| install_merged(mem, ksm, v, si, pi, id));
     v.mmu.invalidate_range_end(r);
     match old {
-        Some(old) => frames.free(old).expect("a private guest frame is ours"),
+        // Freed by `scan` after the flush (the flushes of a scan batch
+        // are one, at its end).
+        Some(old) => ksm.retired.push(old),
         None => ksm.mismatches += 1,
     }
     equal
@@ -358,28 +437,70 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             return res;
         }
         let PageManager { mem, frames, vms, ksm, .. } = self;
-        while res.visited < batch && next_page(ksm, vms, &mut res) {
-            let (vi, si, pi) = ksm.cursor;
-            prefetch_index_ahead(vms, ksm, vi, si, pi + PREFETCH_DISTANCE);
-            ksm.cursor.2 += 1;
-            ksm.visited_this_pass += 1;
-            res.visited += 1;
-            res.merged += scan_one(mem, frames, vms, ksm, vi, si, pi);
-            // Move on now, so a pass ends with its last page.
-            next_page(ksm, vms, &mut res);
+        for v in vms.iter().flatten() {
+            v.mmu.defer_flushes();
         }
-        // Dirty tracking: `scan_one` cleared the dirty flag of each page it
-        // looked at. A translation the guest's TLB cached while the flag
-        // was set lets later writes go by without setting it again (SDM
-        // 29.4.3.4), so each VM whose flags were cleared gets one INVEPT
-        // here, for the whole batch, before its guest runs again. No guest
-        // write can fall between a clear and this flush: the guests do not
-        // run while the page manager is borrowed for `scan`. Every write
-        // after the flush sets the flag, so the next look sees it. (Were
-        // vCPUs to run during a scan, each page would need clear, flush,
-        // then hash, in that order.)
-        for v in vms.iter().flatten().filter(|v| v.track_dirty) {
-            v.mmu.flush_cleared_dirty();
+        // A pipeline over the pages of the batch ([`LOOK_AHEAD`]): each
+        // page is looked at (dirty flag, hash, index lines prefetched) a few
+        // pages before it is decided, its partner's record or page entry
+        // and then its first lines are prefetched on the way, so the misses
+        // of a merge overlap with the work on the pages before it. Pages
+        // are looked at only within the batch and the pass: the ring is
+        // empty when `scan` returns and when a pass ends.
+        let mut ring = Ring::default();
+        let mut wrapped = false;
+        loop {
+            while ring.len < LOOK_AHEAD && res.visited < batch && seek(ksm, vms) {
+                let (vi, si, pi) = ksm.cursor;
+                ksm.cursor.2 += 1;
+                ksm.visited_this_pass += 1;
+                res.visited += 1;
+                if let Some(l) = look(mem, vms, ksm, vi, si, pi) {
+                    ring.push(l);
+                }
+            }
+            if ring.len > 0 {
+                ring.advance(mem, vms, ksm);
+                let l = ring.pop();
+                res.merged += decide(mem, frames, vms, ksm, l);
+                continue;
+            }
+            if seek(ksm, vms) {
+                break; // the batch is used up in the middle of a pass
+            }
+            // Past the last page: the pass ends with its last page.
+            if ksm.visited_this_pass > 0 {
+                ksm.finish_pass();
+                res.full_scans_completed += 1;
+            } else if wrapped || vms.is_empty() {
+                ksm.cursor = (0, 0, 0);
+                break; // nothing mergeable anywhere
+            }
+            ksm.cursor = (0, 0, 0);
+            wrapped = true;
+            if res.visited >= batch {
+                break;
+            }
+        }
+        // One TLB flush per VM for the whole batch, then the frames merged
+        // away are freed. Every flush the batch's invalidations called
+        // for (write-protects and frame replacements, Mmu::defer_flushes)
+        // was deferred to here, and so was the one that dirty tracking
+        // needs: `look` cleared the dirty flag of each page it looked at,
+        // and a translation the guest's TLB cached while the flag was set
+        // lets later writes go by without setting it again (SDM
+        // 29.4.3.4). Both are sound because no guest runs while the page
+        // manager is borrowed for `scan` (a vCPU can use no stale
+        // translation before this flush), and no frame is freed before it
+        // (the notifier contract). Every write after the flush sets the
+        // flag, so the next look sees it. (Were vCPUs to run during a
+        // scan, each merge would need its flushes at once and each page
+        // clear, flush, then hash, in that order.)
+        for v in vms.iter().flatten() {
+            v.mmu.flush_deferred();
+        }
+        for f in ksm.retired.drain(..) {
+            frames.free(f).expect("a private guest frame is ours");
         }
         res
     }
@@ -403,10 +524,11 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             compare_mismatches: k.mismatches,
             pages_scanned: k.scanned,
             checksums_reused: k.checksums_reused,
+            first_looks: k.first_look,
             ..KsmStats::default()
         };
-        for f in k.stable.iter().filter(|f| f.live) {
-            if f.zero {
+        for f in k.stable.iter().filter(|f| f.live()) {
+            if f.zero() {
                 s.zero_pages += f.sharers as u64;
             } else {
                 s.pages_shared += 1;
@@ -416,9 +538,9 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         for v in self.vms.iter().flatten() {
             for slot in &v.slots {
                 for e in &slot.pages {
-                    if e.flags & F_UNSTABLE != 0 {
+                    if e.flags() & F_UNSTABLE != 0 {
                         s.pages_unshared += 1;
-                    } else if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
+                    } else if e.flags() & (F_CSUM | F_SHARED) == F_CSUM {
                         s.pages_volatile += 1;
                     }
                 }
@@ -435,25 +557,32 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             for slot in &v.slots {
                 for e in &slot.pages {
                     if e.shared() {
-                        let f = self.ksm.stable.get(e.aux as usize).ok_or("bad stable index")?;
-                        if e.flags & F_TRACKED != 0 {
+                        let f = self.ksm.stable.get(e.aux() as usize).ok_or("bad stable index")?;
+                        if e.flags() & F_TRACKED != 0 {
                             return Err("merged page with a tracked checksum");
                         }
-                        if !f.live || f.frame != e.frame {
+                        if !f.live() || f.frame != e.frame {
                             return Err("page mapped to a dead or different merged frame");
                         }
-                        counts[e.aux as usize] += 1;
+                        counts[e.aux() as usize] += 1;
                     } else if e.frame != NO_FRAME && !self.frames.is_allocated(e.pa()) {
                         return Err("private page on a free frame");
                     }
                 }
             }
         }
+        // The unstable index holds every marked page behind the cursor,
+        // each under its own key (and may hold pages discarded since).
+        for (key, r) in unstable_members(&self.vms, self.ksm.cursor) {
+            if self.ksm.unstable.get(key) != Some(r) {
+                return Err("a marked page missing from the unstable index");
+            }
+        }
         for (i, f) in self.ksm.stable.iter().enumerate() {
-            if f.live && (f.sharers != counts[i] || f.sharers == 0) {
+            if f.live() && (f.sharers != counts[i] || f.sharers == 0) {
                 return Err("merged frame count differs from its mappings");
             }
-            if f.live && f.sharers > self.ksm.config.max_page_sharing && !f.zero {
+            if f.live() && f.sharers > self.ksm.config.max_page_sharing && !f.zero() {
                 return Err("merged frame over max_page_sharing");
             }
         }
@@ -461,47 +590,172 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
     }
 }
 
-/// How many pages ahead of the one being scanned [`prefetch_index_ahead`]
-/// works: enough for a miss to complete while the pages in between are
-/// scanned (each takes several hundred ns).
-const PREFETCH_DISTANCE: usize = 4;
+/// Pages looked at (dirty flag, hash) before the one being decided: the
+/// look of page k+LOOK_AHEAD prefetches its index lines; at
+/// [`PEEK_AT`] pages before its decision its index is read and the
+/// candidate partner's record or page entry prefetched; at
+/// [`PARTNER_AT`] the partner's first lines. Each page takes a few hundred
+/// ns, a miss a hundred or more (this VM: a two-dimensional page walk
+/// first); 8/4/2 measured better than 4/2/1 and no worse than 12/6/3
+/// (docs/dedupe-performance.md).
+const LOOK_AHEAD: usize = 8;
+const PEEK_AT: usize = 4;
+const PARTNER_AT: usize = 2;
+/// Cache lines of the partner page prefetched (the hardware prefetcher
+/// follows the compare's stream for the rest).
+const PARTNER_LINES: usize = 8;
+/// Cache lines of the next page to look at prefetched by a look (the
+/// hash streams the rest): 32 measured best of 0/16/32/64; 64 at once
+/// stall on the line-fill buffers (perf: the samples sit after the
+/// prefetches).
+const NEXT_PAGE_LINES: usize = 32;
 
-/// Starts loading the index lines that scanning page `pi` of the slot will
-/// look up, a few pages before it gets there: those lookups land anywhere
-/// in tables that outgrow the caches as memory grows, and a miss then
-/// overlaps with the scan of the pages in between instead of stalling it.
-/// The page's key is not known before it is hashed, but the checksum from
-/// its last look is in its entry, and in the passes that merge most pages
-/// are unchanged: that checksum predicts the key. A wrong guess (the page
-/// changed) only wastes the prefetch; nothing here changes any state.
-fn prefetch_index_ahead<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, vi: usize, si: usize, pi: usize) {
-    let Some(v) = vms.get(vi).and_then(|v| v.as_ref()) else { return };
-    let (Some(domain), Some(e)) = (v.domain, v.slots.get(si).and_then(|s| s.pages.get(pi))) else { return };
-    if e.flags & (F_CSUM | F_SHARED) == F_CSUM {
-        let key = key_of(e.aux, domain);
-        ksm.stable_index.prefetch(key);
-        ksm.unstable.prefetch(key);
+/// What was learnt about the merge partner of a looked-at page before its
+/// decision (only to prefetch: the decision looks again).
+#[derive(Clone, Copy, Debug)]
+enum Hint {
+    None,
+    Stable(u32),
+    Twin(u64),
+}
+
+/// A page looked at and not yet decided: its hash is taken and its dirty
+/// flag cleared, and no guest runs before the decision (both happen in
+/// the same `scan` call).
+#[derive(Clone, Copy, Debug)]
+struct Looked {
+    vi: usize,
+    si: usize,
+    pi: usize,
+    hash: u64,
+    key: u64,
+    dirty: Option<bool>,
+    hint: Hint,
+}
+
+/// The pages looked at ahead of the decision, oldest first.
+#[derive(Default)]
+struct Ring {
+    slots: [Option<Looked>; LOOK_AHEAD],
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn push(&mut self, l: Looked) {
+        debug_assert!(self.len < LOOK_AHEAD);
+        self.slots[(self.head + self.len) % LOOK_AHEAD] = Some(l);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Looked {
+        let l = self.slots[self.head].take().expect("a looked-at page");
+        self.head = (self.head + 1) % LOOK_AHEAD;
+        self.len -= 1;
+        l
+    }
+
+    /// The prefetch stages for the pages `PEEK_AT` and `PARTNER_AT` before
+    /// the next decision (position 0).
+    fn advance<P: PhysMem, S: Stage2>(&mut self, mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm) {
+        if self.len > PEEK_AT {
+            if let Some(l) = &mut self.slots[(self.head + PEEK_AT) % LOOK_AHEAD] {
+                peek_partner(vms, ksm, l);
+            }
+        }
+        if self.len > PARTNER_AT {
+            if let Some(l) = &self.slots[(self.head + PARTNER_AT) % LOOK_AHEAD] {
+                prefetch_partner(mem, vms, ksm, l);
+            }
+        }
     }
 }
 
-/// Moves the cursor to the next mergeable page slot, ending the pass when
-/// it runs past the last VM. False if there is nothing to scan.
-fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResult) -> bool {
-    let mut wrapped = false;
+/// The page entry behind an unstable-index page ref, if any.
+fn entry_of<S: Stage2>(vms: &[Option<Vm<S>>], q: u64) -> Option<&PageEntry> {
+    let v = vms.get((q >> 40) as usize)?.as_ref()?;
+    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    Some(&v.slots[si].pages[pi])
+}
+
+fn entry_of_mut<S: Stage2>(vms: &mut [Option<Vm<S>>], q: u64) -> Option<&mut PageEntry> {
+    let v = vms.get_mut((q >> 40) as usize)?.as_mut()?;
+    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    Some(&mut v.slots[si].pages[pi])
+}
+
+/// The pages in the unstable index: those marked [`F_UNSTABLE`] that this
+/// pass has already passed (behind the cursor; the ones after it are
+/// last pass's, left in no index by `finish_pass`, and keep the mark
+/// until their next look, as KSM counts them in `pages_unshared`).
+fn unstable_members<S: Stage2>(vms: &[Option<Vm<S>>], cursor: (usize, usize, usize)) -> impl Iterator<Item = (u64, u64)> + '_ {
+    vms.iter().enumerate().take(cursor.0 + 1).flat_map(move |(vi, v)| {
+        let v = v.as_ref().filter(|v| v.domain.is_some());
+        v.into_iter().flat_map(move |v| {
+            let domain = v.domain.unwrap_or(0);
+            v.slots.iter().enumerate().flat_map(move |(si, s)| {
+                s.pages.iter().enumerate().filter(move |&(pi, e)| (vi, si, pi) < cursor && e.flags() & F_UNSTABLE != 0).map(
+                    move |(pi, e)| (key_of(e.aux(), domain), page_ref(vi, s.base_gfn + pi as u64)),
+                )
+            })
+        })
+    })
+}
+
+/// Grows the unstable index for one more entry by rebuilding it from the
+/// page entries ([`unstable_members`]): the old table is freed first, so
+/// the old and the new one are never both held (the index's peak is what
+/// the metadata per page is measured by). Entries of pages discarded or
+/// torn down since their insertion are dropped (a lookup would have
+/// refused them).
+fn grow_unstable<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &mut Ksm) {
+    let len = ksm.unstable.len();
+    ksm.unstable.release();
+    ksm.unstable.reserve(len + 1 + len / 4);
+    for (key, r) in unstable_members(vms, ksm.cursor) {
+        let old = ksm.unstable.insert(key, r);
+        debug_assert!(old.is_none(), "two marked pages with one key");
+    }
+    // Entries of pages discarded or torn down since are left out.
+    debug_assert!(ksm.unstable.len() <= len, "the marks and the index disagree");
+}
+
+/// Reads the index lines (prefetched by the look) for the partner a
+/// decision would try first, and prefetches its record or page entry.
+fn peek_partner<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, l: &mut Looked) {
+    if let Some(id) = ksm.stable_index.get(l.key) {
+        crate::prefetch::prefetch(&ksm.stable[id as usize]);
+        l.hint = Hint::Stable(id as u32);
+    } else if let Some(q) = ksm.unstable.get(l.key) {
+        if let Some(e) = entry_of(vms, q) {
+            crate::prefetch::prefetch(e);
+            l.hint = Hint::Twin(q);
+        }
+    }
+}
+
+/// Prefetches the first lines of the partner's frame and of the page.
+fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm, l: &Looked) {
+    let frame = match l.hint {
+        Hint::None => return,
+        Hint::Stable(id) => ksm.stable.get(id as usize).filter(|s| s.live()).map(|s| s.frame),
+        Hint::Twin(q) => entry_of(vms, q).map(|e| e.frame),
+    };
+    if let Some(f) = frame.filter(|&f| f != NO_FRAME) {
+        let page = mem.page(PhysAddr((f as u64) << PAGE_SHIFT));
+        for line in page.as_chunks::<64>().0.iter().take(PARTNER_LINES) {
+            crate::prefetch::prefetch(line);
+        }
+    }
+}
+
+/// Moves the cursor to the next mergeable page slot of this pass; false
+/// when it is past the last VM (the end of the pass).
+fn seek<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>]) -> bool {
     loop {
         let (vi, si, pi) = ksm.cursor;
         if vi >= vms.len() {
-            if ksm.visited_this_pass == 0 && (wrapped || vms.is_empty()) {
-                ksm.cursor = (0, 0, 0);
-                return false; // nothing mergeable anywhere
-            }
-            if ksm.visited_this_pass > 0 {
-                ksm.finish_pass();
-                res.full_scans_completed += 1;
-            }
-            ksm.cursor = (0, 0, 0);
-            wrapped = true;
-            continue;
+            return false;
         }
         match &vms[vi] {
             Some(v) if v.domain.is_some() && si < v.slots.len() => {
@@ -515,24 +769,18 @@ fn next_page<S: Stage2>(ksm: &mut Ksm, vms: &[Option<Vm<S>>], res: &mut ScanResu
     }
 }
 
-/// One page, in KSM's order (see the module comment). Returns how many
-/// pages became merged.
-fn scan_one<P: PhysMem, S: Stage2>(
-    mem: &P,
-    frames: &mut FrameAllocator,
-    vms: &mut [Option<Vm<S>>],
-    ksm: &mut Ksm,
-    vi: usize,
-    si: usize,
-    pi: usize,
-) -> usize {
+/// The first half of a look at a page: its dirty flag (tested and
+/// cleared) and its hash (kept if the flag says it still holds), and the
+/// prefetch of its index lines. None: nothing to look at (no frame, or
+/// merged already).
+fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm, vi: usize, si: usize, pi: usize) -> Option<Looked> {
     ksm.scanned += 1;
     let v = vms[vi].as_mut().expect("scanned VM exists");
     let domain = v.domain.expect("scanned VM merges");
     let gfn = v.slots[si].base_gfn + pi as u64;
     let e = v.slots[si].pages[pi];
     if e.frame == NO_FRAME || e.shared() {
-        return 0;
+        return None;
     }
     // Dirty tracking: Some(false) if the EPT maps the page and the guest
     // has not written it since the flag was last cleared; the flag is
@@ -540,23 +788,46 @@ fn scan_one<P: PhysMem, S: Stage2>(
     // mapped (or no tracking), so nothing tells whether it changed.
     let dirty = if v.track_dirty { v.mmu.test_and_clear_dirty(mem, gfn) } else { None };
     let e = &mut v.slots[si].pages[pi];
-    e.flags &= !F_UNSTABLE; // it left last pass's unstable index
+    e.clear_flags(F_UNSTABLE); // it left last pass's unstable index
     let tracked = F_CSUM | F_TRACKED;
-    let hash = if dirty == Some(false) && e.flags & tracked == tracked {
+    let hash = if dirty == Some(false) && e.flags() & tracked == tracked {
         // Unchanged since the checksum was taken: it still holds.
         ksm.checksums_reused += 1;
-        e.aux
+        e.aux()
     } else {
-        xxhash_rust::xxh3::xxh3_64(mem.page(e.pa()))
+        checksum(mem.page(e.pa()))
     };
     // From now on the checksum (kept or stored below) is the content the
     // page has while its dirty flag stays clear, if it has one.
     if dirty.is_some() {
-        e.flags |= F_TRACKED;
+        e.add_flags(F_TRACKED);
     } else {
-        e.flags &= !F_TRACKED;
+        e.clear_flags(F_TRACKED);
     }
     let key = key_of(hash, domain);
+    ksm.stable_index.prefetch(key);
+    ksm.unstable.prefetch(key);
+    // The next page to look at (usually the next frame): its lines stream in
+    // while the pages before it are decided, so its hash reads from cache.
+    if let Some(n) = v.slots[si].pages.get(pi + 1).filter(|n| n.frame != NO_FRAME && !n.shared()) {
+        for line in mem.page(n.pa()).as_chunks::<64>().0.iter().take(NEXT_PAGE_LINES) {
+            crate::prefetch::prefetch(line);
+        }
+    }
+    Some(Looked { vi, si, pi, hash, key, dirty, hint: Hint::None })
+}
+
+/// The second half: the page in KSM's order (see the module comment).
+/// Returns how many pages became merged.
+fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm, l: Looked) -> usize {
+    let Looked { vi, si, pi, hash, key, dirty, .. } = l;
+    let v = vms[vi].as_mut().expect("scanned VM exists");
+    let domain = v.domain.expect("scanned VM merges");
+    let gfn = v.slots[si].base_gfn + pi as u64;
+    // The hash is fresh or kept by a clean dirty flag, and the flag is
+    // clear now: while it stays clear the page holds this content, which is
+    // what the two-look rule waits a pass to learn.
+    let first_look = dirty.is_some() && ksm.config.merge_at_first_look;
 
     // 1. A merged frame with this content and room for one more.
     if let Some(id) = ksm.stable_with_room(key) {
@@ -565,14 +836,18 @@ fn scan_one<P: PhysMem, S: Stage2>(
             return 1;
         }
     }
-    // 2. Changed since the last look: not a candidate yet.
+    // 2. Changed since the last look: not a candidate yet (KSM), unless
+    // its dirty flag tracks it from now on (first look).
     let e = &mut v.slots[si].pages[pi];
     let sum = hash;
-    if e.flags & F_CSUM == 0 || e.aux != sum {
-        e.aux = sum;
-        e.flags |= F_CSUM;
+    if e.flags() & F_CSUM == 0 || e.aux() != sum {
+        e.set_aux(sum);
+        e.add_flags(F_CSUM);
         ksm.pass.changed += 1;
-        return 0;
+        if !first_look {
+            return 0;
+        }
+        ksm.first_look += 1;
     }
     // 3. All zero: the domain's zero frame.
     if ksm.config.use_zero_pages && hash == ksm.zero_hash {
@@ -590,12 +865,21 @@ fn scan_one<P: PhysMem, S: Stage2>(
     // 4. An unchanged twin seen earlier in this pass.
     let me = page_ref(vi, gfn);
     let twin = match ksm.unstable.get(key) {
-        Some(q) if q != me => valid_twin(vms, q, domain, sum),
+        Some(q) if q != me => valid_twin(mem, vms, q, domain, sum, ksm.config.merge_at_first_look),
         _ => None,
     };
     let Some((qvi, qsi, qpi)) = twin else {
-        ksm.unstable.insert(key, me);
-        vms[vi].as_mut().unwrap().slots[si].pages[pi].flags |= F_UNSTABLE;
+        if ksm.unstable.full() {
+            grow_unstable(vms, ksm);
+        }
+        // A page with this key from earlier in the pass (changed, or a
+        // failed candidate) is no longer in the index.
+        if let Some(old) = ksm.unstable.insert(key, me) {
+            if let Some(e) = entry_of_mut(vms, old) {
+                e.clear_flags(F_UNSTABLE);
+            }
+        }
+        vms[vi].as_mut().unwrap().slots[si].pages[pi].add_flags(F_UNSTABLE);
         return 0;
     };
     // The twin's frame becomes the merged frame: it is only write-protected
@@ -617,31 +901,42 @@ fn scan_one<P: PhysMem, S: Stage2>(
     ksm.stable[id as usize].sharers = 1;
     ksm.merges += 1;
     let q = vms[qvi].as_mut().unwrap();
-    q.slots[qsi].pages[qpi] = PageEntry { frame: qe.frame, aux: id as u64, flags: F_SHARED };
+    q.slots[qsi].pages[qpi] = PageEntry::new(qe.frame, id as u64, F_SHARED);
     q.private_frames -= 1; // the frame is the dedupe's now, charged to no VM
     let v = vms[vi].as_mut().unwrap();
     let old = install_merged(mem, ksm, v, si, pi, id);
     v.mmu.invalidate_range_end(r);
-    frames.free(old).expect("a private guest frame is ours");
+    ksm.retired.push(old);
     ksm.pass.merged += 2;
     2
 }
 
 /// The page behind an unstable-index entry, if it is still an unmerged,
-/// unchanged page of the same domain.
-fn valid_twin<S: Stage2>(
-    vms: &[Option<Vm<S>>],
+/// unchanged page of the same domain. With `first_look`, a candidate whose
+/// checksum is tracked must also still have a clear dirty flag: it may have
+/// entered the index at its first look, and only the flag tells that it
+/// held still since (a set flag is cleared here and the page loses its
+/// tracked mark, so its next look hashes it again).
+fn valid_twin<P: PhysMem, S: Stage2>(
+    mem: &P,
+    vms: &mut [Option<Vm<S>>],
     q: u64,
     domain: u32,
     sum: u64,
+    first_look: bool,
 ) -> Option<(usize, usize, usize)> {
     let qvi = (q >> 40) as usize;
-    let v = vms.get(qvi)?.as_ref()?;
+    let v = vms.get_mut(qvi)?.as_mut()?;
     if v.domain != Some(domain) {
         return None;
     }
-    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    let gfn = q & ((1 << 40) - 1);
+    let (si, pi) = v.find(gfn)?;
     let e = v.slots[si].pages[pi];
-    let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags & (F_SHARED | F_CSUM) == F_CSUM && e.aux == sum;
+    let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags() & (F_SHARED | F_CSUM) == F_CSUM && e.aux() == sum;
+    if ok && first_look && v.track_dirty && e.flags() & F_TRACKED != 0 && v.mmu.test_and_clear_dirty(mem, gfn) != Some(false) {
+        v.slots[si].pages[pi].clear_flags(F_TRACKED);
+        return None;
+    }
     ok.then_some((qvi, si, pi))
 }

@@ -117,6 +117,9 @@ pub struct MmuStats {
     pub warnings: u64,
     /// Dirty flags the dedupe scanner found set and cleared.
     pub dirty_cleared: u64,
+    /// Flushes owed inside a [`Mmu::defer_flushes`] batch, done as one at
+    /// its end (each batch that owed any counts one in `tlb_flushes`).
+    pub tlb_flushes_deferred: u64,
 }
 
 /// `change_pte` with no invalidation in flight (DESIGN.md rule 2; Linux
@@ -143,16 +146,25 @@ struct MmuState<S> {
     /// A dirty flag was cleared: flush before the guest runs again
     /// ([`Mmu::flush_cleared_dirty`]).
     dirty_flush_pending: bool,
+    /// Between [`Mmu::defer_flushes`] and [`Mmu::flush_deferred`]: a flush
+    /// the contract calls for is owed (`owed`), done once at the end.
+    defer: bool,
+    owed: bool,
     flusher: Box<dyn TlbFlush>,
     stats: MmuStats,
 }
 
 impl<S> MmuState<S> {
     fn flush(&mut self) {
-        self.flusher.flush_guest_tlb();
-        self.stats.tlb_flushes += 1;
         self.flush_pending = false;
         self.dirty_flush_pending = false;
+        if self.defer {
+            self.owed = true;
+            self.stats.tlb_flushes_deferred += 1;
+            return;
+        }
+        self.flusher.flush_guest_tlb();
+        self.stats.tlb_flushes += 1;
     }
 
     fn recompute_union(&mut self) {
@@ -204,6 +216,8 @@ impl<S: Stage2> Mmu<S> {
             in_flight: Vec::with_capacity(4),
             flush_pending: false,
             dirty_flush_pending: false,
+            defer: false,
+            owed: false,
             flusher,
             stats: MmuStats::default(),
         };
@@ -255,6 +269,30 @@ impl<S: Stage2> Mmu<S> {
     pub fn flush_cleared_dirty(&self) {
         let mut s = self.state.lock();
         if s.dirty_flush_pending {
+            s.flush();
+        }
+    }
+
+    /// Starts a batch of invalidations whose TLB flushes are owed and done
+    /// once, by [`Mmu::flush_deferred`]. For the dedupe scanner, and only
+    /// under two promises of the caller: no vCPU of this VM runs (or
+    /// uses its TLB) until `flush_deferred` returns, so a stale writable
+    /// or stale-frame translation cannot be used in between; and no frame
+    /// unmapped or replaced in the batch is freed before then (DESIGN.md,
+    /// "The notifier contract": a frame is freed only after the flush that
+    /// covers it). Everything else of the contract is unchanged: counts,
+    /// ranges, sequence numbers, and the entries themselves are changed
+    /// at once.
+    pub fn defer_flushes(&self) {
+        self.state.lock().defer = true;
+    }
+
+    /// Ends a [`Mmu::defer_flushes`] batch: one flush if any was owed (or
+    /// a dirty flag was cleared since the last flush).
+    pub fn flush_deferred(&self) {
+        let mut s = self.state.lock();
+        s.defer = false;
+        if core::mem::take(&mut s.owed) || s.dirty_flush_pending {
             s.flush();
         }
     }
@@ -670,6 +708,38 @@ mod tests {
         assert_eq!(r.flushes.count(), 2);
         assert_eq!(mmu.stats().dirty_cleared, 3);
         assert_ne!(mmu.eptp(true) & (1 << 6), 0);
+    }
+
+    #[test]
+    fn deferred_flushes_are_one_at_the_end_of_the_batch() {
+        let (mut r, mmu) = rig(NotifierMode::ChangePte);
+        let old = map(&mut r, &mmu, 7, Perms::RWX);
+        map(&mut r, &mmu, 8, Perms::RWX);
+        let new = r.frames.alloc().unwrap();
+        mmu.defer_flushes();
+        for gfn in [7, 8] {
+            let g = GfnRange::one(gfn);
+            mmu.invalidate_range_start(&r.mem, &mut r.frames, g, InvalidateEvent::Change);
+            // The entry is write-protected at once; only the flush waits.
+            assert_eq!(mmu.lookup(&r.mem, gfn).unwrap().perms, Perms::RX);
+            mmu.change_pte(&r.mem, gfn, new, Perms::RX);
+            assert_eq!(mmu.lookup(&r.mem, gfn).unwrap().hpa, new);
+            mmu.invalidate_range_end(g);
+        }
+        assert_eq!(r.flushes.count(), 0, "owed, not done");
+        assert_eq!(mmu.invalidate_seq(), 2);
+        mmu.flush_deferred();
+        assert_eq!(r.flushes.count(), 1, "one flush for the batch");
+        let st = mmu.stats();
+        assert_eq!((st.tlb_flushes, st.tlb_flushes_deferred), (1, 4));
+        // Nothing owed: no flush; and after the batch flushes are immediate.
+        mmu.defer_flushes();
+        mmu.flush_deferred();
+        assert_eq!(r.flushes.count(), 1);
+        mmu.invalidate_range_start(&r.mem, &mut r.frames, GfnRange::one(7), InvalidateEvent::Clear);
+        assert_eq!(r.flushes.count(), 2);
+        mmu.invalidate_range_end(GfnRange::one(7));
+        r.frames.free(old).unwrap();
     }
 
     #[test]

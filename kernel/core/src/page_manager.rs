@@ -140,26 +140,58 @@ pub(crate) const F_UNSTABLE: u8 = 4;
 pub(crate) const F_TRACKED: u8 = 8;
 
 /// What the page manager and the dedupe engine keep per guest page:
-/// 16 bytes (Linux's `rmap_item` alone is 64).
+/// 12 bytes (Linux's `rmap_item` alone is 64): the host frame, and one
+/// 64-bit word with the flags in its low 4 bits and above them the
+/// [`PageEntry::aux`] value: the page's 60-bit checksum ([`F_CSUM`],
+/// [`crate::dedupe`]'s content hash, which is also its index key, so an
+/// unchanged page need not be hashed again) or its stable record index
+/// ([`F_SHARED`]). Packed to 4-byte alignment (a `u64` there would pad
+/// the entry to 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, packed(4))]
 pub(crate) struct PageEntry {
     /// Host frame number, or [`NO_FRAME`].
     pub frame: u32,
-    pub flags: u8,
-    /// Checksum ([`F_CSUM`]: the page's whole 64-bit content hash, which
-    /// is also its index key, so an unchanged page need not be hashed
-    /// again) or stable record index ([`F_SHARED`]).
-    pub aux: u64,
+    word: u64,
 }
 
-impl PageEntry {
-    pub const EMPTY: PageEntry = PageEntry { frame: NO_FRAME, aux: 0, flags: 0 };
+const _: () = assert!(core::mem::size_of::<PageEntry>() == 12);
 
+const FLAG_BITS: u32 = 4;
+const FLAG_MASK: u64 = (1 << FLAG_BITS) - 1;
+/// The widest value [`PageEntry::aux`] holds.
+pub(crate) const AUX_BITS: u32 = 64 - FLAG_BITS;
+
+impl PageEntry {
+    pub const EMPTY: PageEntry = PageEntry::new(NO_FRAME, 0, 0);
+
+    /// `aux` must fit in [`AUX_BITS`], `flags` in the four flag bits.
+    pub const fn new(frame: u32, aux: u64, flags: u8) -> PageEntry {
+        debug_assert!(aux >> AUX_BITS == 0 && (flags as u64) & !FLAG_MASK == 0);
+        PageEntry { frame, word: (aux << FLAG_BITS) | (flags as u64 & FLAG_MASK) }
+    }
+    pub fn flags(&self) -> u8 {
+        (self.word & FLAG_MASK) as u8
+    }
+    pub fn add_flags(&mut self, f: u8) {
+        self.word |= f as u64 & FLAG_MASK;
+    }
+    pub fn clear_flags(&mut self, f: u8) {
+        self.word &= !(f as u64 & FLAG_MASK);
+    }
+    /// The checksum or stable record index.
+    pub fn aux(&self) -> u64 {
+        self.word >> FLAG_BITS
+    }
+    pub fn set_aux(&mut self, aux: u64) {
+        debug_assert!(aux >> AUX_BITS == 0);
+        self.word = (aux << FLAG_BITS) | (self.word & FLAG_MASK);
+    }
     pub fn pa(&self) -> PhysAddr {
         PhysAddr((self.frame as u64) << PAGE_SHIFT)
     }
     pub fn shared(&self) -> bool {
-        self.flags & F_SHARED != 0
+        self.flags() & F_SHARED != 0
     }
 }
 
@@ -443,7 +475,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             let off = (a as usize) % PAGE_SIZE;
             let n = (PAGE_SIZE - off).min(data.len() - done);
             let e = &mut v.slots[si].pages[idx];
-            e.flags &= !F_TRACKED;
+            e.clear_flags(F_TRACKED);
             mem.page_mut(e.pa())[off..off + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
@@ -540,7 +572,7 @@ fn populate<P: PhysMem, S: Stage2>(
 ) -> Result<(), MapError> {
     let f = frames.alloc().ok_or(MapError::OutOfFrames)?;
     mem.zero_page(f);
-    v.slots[si].pages[idx] = PageEntry { frame: frame_number(f), aux: 0, flags: 0 };
+    v.slots[si].pages[idx] = PageEntry::new(frame_number(f), 0, 0);
     v.stats.pages_allocated += 1;
     v.private_frames += 1;
     v.note_peak();
@@ -608,9 +640,9 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
     let r = GfnRange::one(gfn);
     v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     v.mmu.change_pte(mem, gfn, new, Perms::RWX);
-    v.slots[si].pages[idx] = PageEntry { frame: frame_number(new), aux: 0, flags: 0 };
+    v.slots[si].pages[idx] = PageEntry::new(frame_number(new), 0, 0);
     v.mmu.invalidate_range_end(r);
-    ksm.put(frames, e.aux as u32);
+    ksm.put(frames, e.aux() as u32);
     v.stats.cow_breaks += 1;
     v.private_frames += 1;
     v.note_peak();
@@ -620,7 +652,7 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
 /// Drops a page's hold on its frame (after its translation is gone).
 fn release(frames: &mut FrameAllocator, ksm: &mut Ksm, e: PageEntry) {
     if e.shared() {
-        ksm.put(frames, e.aux as u32);
+        ksm.put(frames, e.aux() as u32);
     } else {
         frames.free(e.pa()).expect("a private guest frame is ours");
     }

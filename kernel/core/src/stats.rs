@@ -64,6 +64,7 @@ pub(crate) fn add_mmu(t: &mut MmuStats, o: &MmuStats) {
     t.retries += o.retries;
     t.warnings += o.warnings;
     t.dirty_cleared += o.dirty_cleared;
+    t.tlb_flushes_deferred += o.tlb_flushes_deferred;
 }
 
 /// The dedupe engine's state, as Linux's KSM reports it.
@@ -92,6 +93,9 @@ pub struct KsmStats {
     /// Looks that kept the stored checksum instead of hashing the page
     /// (dirty tracking: its EPT dirty flag stayed clear).
     pub checksums_reused: u64,
+    /// Looks at a changed page that made it a merge candidate at once
+    /// (`DedupeConfig::merge_at_first_look`), without KSM's second look.
+    pub first_looks: u64,
 }
 
 /// Everything, summed over all VMs.

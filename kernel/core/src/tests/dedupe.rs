@@ -305,7 +305,7 @@ fn scan_converges_and_unconverges_when_memory_changes() {
 #[test]
 fn one_change_bracket_per_merge() {
     let mut pm = pm(128, DedupeConfig::default());
-    let (v, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+    let (v, flush) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
     fill(&mut pm, v, &[7, 7, 7]);
     pm.scan(3); // checksums only
     let before = pm.vm_stats(v).unwrap().1;
@@ -320,6 +320,13 @@ fn one_change_bracket_per_merge() {
     assert_eq!(after.change_pte - before.change_pte, 2);
     assert_eq!(after.change_pte_installed - before.change_pte_installed, 2);
     assert_eq!(after.warnings, 0);
+    // Three write-protects of live entries and two frame replacements
+    // called for flushes: one INVEPT for the batch, after which the two
+    // private frames merged away are free.
+    assert_eq!(after.tlb_flushes - before.tlb_flushes, 1);
+    assert_eq!(after.tlb_flushes_deferred - before.tlb_flushes_deferred, 5);
+    assert_eq!(flush.count(), after.tlb_flushes);
+    pm.check_consistency().unwrap();
 }
 
 #[test]
@@ -332,7 +339,7 @@ fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
         let id = {
             let vm = pm.vm(v).unwrap();
             assert!(vm.slots[0].pages[0].shared());
-            vm.slots[0].pages[0].aux as u32
+            vm.slots[0].pages[0].aux() as u32
         };
         let own = pm.backing_frame(v, gpa(2)).unwrap();
         let before = pm.vm_stats(v).unwrap().1;
@@ -391,6 +398,11 @@ fn tracking() -> DedupeConfig {
     DedupeConfig { track_dirty: true, ..DedupeConfig::default() }
 }
 
+/// Dirty tracking with KSM's two-look rule (no merge at the first look).
+fn tracking_two_looks() -> DedupeConfig {
+    DedupeConfig { merge_at_first_look: false, ..tracking() }
+}
+
 /// The raw dirty flag of the page's leaf (None: not mapped).
 fn dirty_flag(pm: &PageManager<Arena>, v: VmId, p: u64) -> Option<bool> {
     let raw = pm.mmu(v).unwrap().with_tables(|t| t.raw_entry(pm.mem(), gpa(p)));
@@ -437,7 +449,7 @@ fn an_unchanged_page_keeps_its_checksum_with_one_flush_per_batch() {
 
 #[test]
 fn a_guest_write_between_looks_is_rehashed_and_not_merged_with_its_old_twin() {
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
     let mut g = fill(&mut pm, v, &[5, 5]);
     pm.scan(2); // pass 1: both hashed with content 5
@@ -464,7 +476,7 @@ fn a_guest_write_between_looks_is_rehashed_and_not_merged_with_its_old_twin() {
 
 #[test]
 fn a_hypervisor_write_is_rehashed_too() {
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
     fill(&mut pm, v, &[5, 5]);
     pm.scan(2);
@@ -484,7 +496,7 @@ fn a_hypervisor_write_is_rehashed_too() {
 
 #[test]
 fn tracking_with_cow_breaks_and_merges() {
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (a, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
     let (b, _) = vm(&mut pm, 1, true, NotifierMode::ChangePte, None);
     let mut ga = fill(&mut pm, a, &[5, 5, 5]);
@@ -551,7 +563,7 @@ fn tracking_teardown_returns_every_frame() {
 fn a_hypervisor_write_of_the_same_bytes_keeps_the_page_a_candidate() {
     // The write drops only the tracked mark: the page is hashed again,
     // finds its checksum unchanged and merges in the very next pass.
-    let mut pm = pm(128, tracking());
+    let mut pm = pm(128, tracking_two_looks());
     let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
     fill(&mut pm, v, &[5, 5]);
     pm.scan(2); // pass 1: both hashed
@@ -561,4 +573,112 @@ fn a_hypervisor_write_of_the_same_bytes_keeps_the_page_a_candidate() {
     assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "page 1 was hashed again");
     assert_eq!(r.merged, 2);
     assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+}
+
+// ---------------------------------------------------------------------------
+// Merging at the first look (DedupeConfig::merge_at_first_look, with
+// tracking): a candidate whose dirty flag stayed clear since its hash is
+// merged in the pass that first hashed it.
+
+#[test]
+fn at_the_first_look_equal_pages_merge_in_one_pass_and_with_two_looks_in_two() {
+    for first_look in [true, false] {
+        let mut pm = pm(128, DedupeConfig { merge_at_first_look: first_look, ..tracking() });
+        let (a, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+        let (b, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+        fill(&mut pm, a, &[5, 6]);
+        fill(&mut pm, b, &[6, 5]);
+        let r = pm.scan(4);
+        assert_eq!(r.full_scans_completed, 1);
+        let s = pm.ksm_stats();
+        if first_look {
+            assert_eq!(r.merged, 4, "both pairs in the first pass");
+            assert_eq!((s.pages_shared, s.pages_sharing, s.first_looks), (2, 2, 4));
+            // The next pass changes nothing: converged after two passes.
+            pm.scan(4);
+            assert!(pm.scan_converged());
+        } else {
+            assert_eq!((r.merged, s.pages_shared, s.first_looks), (0, 0, 0), "two looks: first pass only hashes");
+            assert_eq!(pm.scan(4).merged, 4);
+        }
+        assert_eq!(pm.backing_frame(a, gpa(0)), pm.backing_frame(b, gpa(1)));
+        assert_eq!(pm.backing_frame(a, gpa(1)), pm.backing_frame(b, gpa(0)));
+        assert_eq!(page_bytes(&pm, b, 1), [5; 4096]);
+        pm.check_consistency().unwrap();
+    }
+}
+
+#[test]
+fn a_candidate_written_since_its_hash_is_not_merged_at_the_first_look() {
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    let mut g = fill(&mut pm, v, &[5, 5]);
+    assert_eq!(pm.scan(1).merged, 0); // page 0: hashed, a candidate
+    // The guest writes page 0 (the same bytes: only the dirty flag can
+    // tell), in the guest time between two scan batches.
+    g.write(&mut pm, gpa(0) + 9, &[5]).unwrap();
+    assert_eq!(dirty_flag(&pm, v, 0), Some(true));
+    let r = pm.scan(1); // page 1: its candidate is dirty
+    assert_eq!((r.merged, r.full_scans_completed), (0, 1));
+    assert!(!pm.is_merged(v, gpa(0)) && !pm.is_merged(v, gpa(1)));
+    assert_eq!(pm.ksm_stats().compare_mismatches, 0, "refused before any compare");
+    assert_eq!(dirty_flag(&pm, v, 0), Some(false), "the flag was cleared");
+    // Page 0 is hashed again at its next look (not trusted), and merges.
+    let reused = pm.ksm_stats().checksums_reused;
+    assert_eq!(pm.scan(2).merged, 2);
+    assert_eq!(pm.ksm_stats().checksums_reused, reused + 1, "only page 1 kept its checksum");
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+    pm.check_consistency().unwrap();
+}
+
+#[test]
+fn a_page_without_a_dirty_flag_to_watch_waits_for_a_second_look() {
+    // Written by the hypervisor and never touched by the guest: no EPT
+    // leaf, so no dirty flag says it holds still; KSM's rule applies.
+    let mut pm = pm(128, tracking());
+    let (v, _) = vm(&mut pm, 2, true, NotifierMode::ChangePte, None);
+    for p in 0..2 {
+        pm.write_gpa(v, gpa(p), &[7; 4096]).unwrap();
+    }
+    assert_eq!(dirty_flag(&pm, v, 0), None);
+    assert_eq!(pm.scan(2).merged, 0);
+    assert_eq!(pm.ksm_stats().first_looks, 0);
+    assert_eq!(pm.scan(2).merged, 2);
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(1)));
+}
+
+#[test]
+fn index_keys_spread_their_top_bits() {
+    // The content index takes a key's home slot from its top bits: keys
+    // of a 60-bit checksum must still use all of them (else every lookup
+    // lands in a fraction of the table and probes long runs).
+    let mut seen = [0u32; 16];
+    let mut page = [0u8; 4096];
+    for i in 0..1024u32 {
+        page[..4].copy_from_slice(&i.to_le_bytes());
+        let sum = crate::dedupe::checksum(&page);
+        assert_eq!(sum >> crate::page_manager::AUX_BITS, 0, "a checksum fits in a page entry");
+        seen[(crate::dedupe::key_of(sum, 0) >> 60) as usize] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 30), "top bits of keys: {seen:?}");
+}
+
+#[test]
+fn the_unstable_index_keeps_its_candidates_when_it_grows() {
+    // 40 different pages fill the unstable index past its first sizes
+    // (it is rebuilt from the page entries as it grows); the last page
+    // equals the first and must still find it, in the same pass.
+    let mut pm = pm(256, tracking());
+    let (v, _) = vm(&mut pm, 41, true, NotifierMode::ChangePte, None);
+    let bytes: Vec<u8> = (0..41).map(|p| if p == 40 { 1 } else { p as u8 + 1 }).collect();
+    fill(&mut pm, v, &bytes);
+    let r = pm.scan(41);
+    assert_eq!((r.full_scans_completed, r.merged), (1, 2));
+    assert!(pm.is_merged(v, gpa(0)) && pm.is_merged(v, gpa(40)));
+    assert_eq!(pm.ksm_stats().pages_unshared, 39);
+    pm.check_consistency().unwrap();
+    // Mid-pass, the index holds the pages behind the cursor.
+    pm.scan(20);
+    pm.check_consistency().unwrap();
+    assert_eq!(pm.ksm_stats().pages_unshared, 39);
 }
