@@ -383,15 +383,20 @@ impl Hypervisor {
     fn scan_for(&mut self, ran: u64) {
         self.scan_budget = (self.scan_budget + (ran / SCAN_SHARE) as i64).min(SLICE_TICKS as i64);
         loop {
-            let t0 = crate::vcpu::rdtsc();
-            self.host.pm.scan(SCAN_BATCH);
-            let took = crate::vcpu::rdtsc() - t0;
-            self.scan_budget -= took as i64;
-            self.scan_ticks += took;
+            self.scan_budget -= self.scan_batch() as i64;
             if self.scan_budget <= 0 || self.host.pm.scan_converged() {
                 return;
             }
         }
+    }
+
+    /// One batch of the dedupe scanner; the ticks it took.
+    fn scan_batch(&mut self) -> u64 {
+        let t0 = crate::vcpu::rdtsc();
+        self.host.pm.scan(SCAN_BATCH);
+        let took = crate::vcpu::rdtsc() - t0;
+        self.scan_ticks += took;
+        took
     }
 
     /// Every live VM is halted: wait for the first timer that can wake one.
@@ -411,9 +416,7 @@ impl Hypervisor {
                     if self.host.pm.scan_converged() {
                         core::hint::spin_loop();
                     } else {
-                        let t0 = crate::vcpu::rdtsc();
-                        self.host.pm.scan(SCAN_BATCH);
-                        self.scan_ticks += crate::vcpu::rdtsc() - t0;
+                        self.scan_batch();
                     }
                 }
             }
@@ -593,7 +596,7 @@ fn msr_bitmap() -> Box<Page> {
 
 /// Whether `vm` ended the way its scenario should.
 fn verdict(vm: &Vm) -> Result<(), String> {
-    if vm.kind == Kind::Multiboot {
+    let Kind::Program { scenario } = vm.kind else {
         // kvm-unit-tests' convention (and QEMU's isa-debug-exit users'):
         // status 0 is success.
         return match &vm.end {
@@ -601,9 +604,9 @@ fn verdict(vm: &Vm) -> Result<(), String> {
             Some(End::DebugExit(s)) => Err(format!("debug-exit status {s}, not 0")),
             end => Err(format!("expected a debug-exit, got {end:?}")),
         };
-    }
+    };
     let failed = vm.checks.iter().filter(|c| c.failed).count();
-    match (vm.scenario, &vm.end) {
+    match (scenario, &vm.end) {
         (_, Some(End::Stopped(Cause::OutOfMemory))) if vm.dedupe.starved => Ok(()),
         _ if vm.dedupe.starved => Err("expected to be stopped out of memory".into()),
         (scenario::WILD_ACCESS, Some(End::Stopped(Cause::WildAccess(_)))) => Ok(()),

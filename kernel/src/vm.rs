@@ -26,9 +26,6 @@ pub const LOG_TICKS_PER_LINE: u64 = 1 << 20;
 pub const CONSOLE_LOG_BURST: u32 = 1024;
 pub const CONSOLE_LOG_TICKS_PER_LINE: u64 = 1 << 18;
 
-/// The `scenario` of a VM that is not the guest program.
-pub const NO_SCENARIO: u8 = u8::MAX;
-
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
@@ -101,8 +98,6 @@ pub struct Vm {
     /// What the user called it (the file or scenario name).
     pub label: String,
     pub kind: Kind,
-    /// The scenario of a program VM; [`NO_SCENARIO`] for other kinds.
-    pub scenario: u8,
     pub id: VmId,
     pub vcpu: Vcpu,
     /// The devices of its small PC (the UART, debug-exit, fw_cfg, ...).
@@ -148,15 +143,10 @@ pub struct DedupeProgress {
 
 impl Vm {
     pub fn new(name: String, label: String, kind: Kind, id: VmId, vcpu: Vcpu, platform: Platform) -> Vm {
-        let scenario = match kind {
-            Kind::Program { scenario } => scenario,
-            Kind::Multiboot => NO_SCENARIO,
-        };
         Vm {
             name,
             label,
             kind,
-            scenario,
             id,
             vcpu,
             platform,

@@ -8,6 +8,7 @@ use super::{advance_rip, inject, Next};
 use crate::hypervisor::Host;
 use crate::vm::{Cause, Vm};
 use crate::vmx::vmcs::read;
+use hvcore::devices::lapic::{Fault, MSR_APIC_BASE, MSR_TSC_DEADLINE, X2APIC_MSR_FIRST, X2APIC_MSR_LAST};
 use hvcore::emulate::mmio::{self, MmioOp};
 use hvcore::emulate::paging::{self, Access, WalkError};
 use hvcore::vmx::event::Event;
@@ -30,7 +31,7 @@ const PF: u8 = 14;
 pub fn mmio(vm: &mut Vm, host: &Host, gpa: u64, q: EptQual) -> Next {
     let state = super::cr_access::cr_state();
     let cs_ar = read(guest::CS_ACCESS_RIGHTS);
-    let bitness = if state.cs_long && state.efer & hvcore::control_regs::EFER_LMA != 0 {
+    let bitness = if hvcore::control_regs::in_64bit_mode(&state) {
         64
     } else if cs_ar & (1 << 14) != 0 {
         32
@@ -56,12 +57,12 @@ pub fn mmio(vm: &mut Vm, host: &Host, gpa: u64, q: EptQual) -> Next {
     let mut regs = crate::vcpu::RegFile(&mut vm.vcpu.regs);
     let lapic = vm.platform.lapic.as_mut().expect("claims() checked it");
     match insn.op {
-        MmioOp::Read { size, .. } => {
+        MmioOp::Read { .. } => {
             // Registers are 32 bits wide on 16-byte boundaries; a narrower
-            // read takes its bytes of the aligned dword (SDM Vol. 3A 11.4.1).
+            // read takes its bytes of the aligned dword (SDM Vol. 3A 11.4.1;
+            // `complete_read` keeps the low `size` of them).
             let dword = lapic.mmio_read(offset & !3, now) as u64;
-            let value = (dword >> ((offset & 3) * 8)) & mask(size);
-            mmio::complete_read(&mut regs, &insn, value);
+            mmio::complete_read(&mut regs, &insn, dword >> ((offset & 3) * 8));
         }
         MmioOp::Write { .. } => {
             let value = mmio::write_value(&regs, &insn) as u32;
@@ -131,44 +132,36 @@ fn fault(vm: &mut Vm, e: WalkError) -> Next {
     }
 }
 
-fn mask(size: u8) -> u64 {
-    if size >= 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 }
-}
-
 /// RDMSR of an APIC MSR (APIC_BASE, x2APIC 0x800-0x8FF, TSC_DEADLINE).
 /// `None`: not an APIC MSR (or no APIC): the caller goes on.
-pub fn rdmsr(vm: &mut Vm, msr: u32) -> Option<Result<u64, ()>> {
+pub fn rdmsr(vm: &mut Vm, msr: u32) -> Option<Result<u64, Fault>> {
     let now = crate::vcpu::guest_tsc(vm);
     let lapic = vm.platform.lapic.as_mut()?;
     Some(match msr {
-        IA32_APIC_BASE => Ok(lapic.apic_base()),
-        IA32_TSC_DEADLINE => Ok(lapic.tsc_deadline(now)),
-        X2APIC_FIRST..=X2APIC_LAST => lapic.msr_read(msr, now).map_err(|_| ()),
+        MSR_APIC_BASE => Ok(lapic.apic_base()),
+        MSR_TSC_DEADLINE => Ok(lapic.tsc_deadline(now)),
+        X2APIC_MSR_FIRST..=X2APIC_MSR_LAST => lapic.msr_read(msr, now),
         _ => return None,
     })
 }
 
 /// WRMSR of an APIC MSR; `None` as for [`rdmsr`], `Some(Err)` means #GP.
-pub fn wrmsr(vm: &mut Vm, msr: u32, value: u64) -> Option<Result<(), ()>> {
+pub fn wrmsr(vm: &mut Vm, msr: u32, value: u64) -> Option<Result<(), Fault>> {
     let now = crate::vcpu::guest_tsc(vm);
     let lapic = vm.platform.lapic.as_mut()?;
     let r = match msr {
-        IA32_APIC_BASE => lapic.set_apic_base(value, maxphyaddr()).map_err(|_| ()),
-        IA32_TSC_DEADLINE => {
+        MSR_APIC_BASE => lapic.set_apic_base(value, maxphyaddr()),
+        MSR_TSC_DEADLINE => {
             lapic.set_tsc_deadline(value, now);
             Ok(())
         }
-        X2APIC_FIRST..=X2APIC_LAST => lapic.msr_write(msr, value, now).map_err(|_| ()),
+        X2APIC_MSR_FIRST..=X2APIC_MSR_LAST => lapic.msr_write(msr, value, now),
         _ => return None,
     };
     crate::vcpu::sync_tpr_to_shadow(vm);
     Some(r)
 }
 
-pub const IA32_APIC_BASE: u32 = 0x1b;
-const IA32_TSC_DEADLINE: u32 = 0x6e0;
-const X2APIC_FIRST: u32 = 0x800;
-const X2APIC_LAST: u32 = 0x8ff;
 /// The physical-address width CPUID 0x8000_0008 shows the guest (the
 /// host's): APIC_BASE bits above it are reserved.
 fn maxphyaddr() -> u8 {

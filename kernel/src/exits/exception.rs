@@ -11,7 +11,6 @@ use hvcore::vmx::event::{self, kind, Event};
 use x86::vmx::vmcs::{control, guest, ro};
 
 pub const DB: u8 = 1;
-const RFLAGS_TF: u64 = 1 << 8;
 const BLOCKING_STI: u64 = event::BLOCKING_BY_STI as u64;
 const BLOCKING_MOV_SS: u64 = event::BLOCKING_BY_MOV_SS as u64;
 pub const AC: u8 = 17;
@@ -83,7 +82,7 @@ pub fn handle(vm: &mut Vm) -> Next {
                 set(guest::INTERRUPTIBILITY_STATE, blocking & !(BLOCKING_STI | BLOCKING_MOV_SS));
                 return inject(Event::exception(DB, false), 0);
             }
-            if read(guest::RFLAGS) & RFLAGS_TF != 0 && blocking & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
+            if read(guest::RFLAGS) & event::RFLAGS_TF != 0 && blocking & (BLOCKING_STI | BLOCKING_MOV_SS) != 0 {
                 // A single step the STI/MOV-SS shadow deferred is still
                 // owed after this #DB; the CPU does not record it on a #DB
                 // exit (it does on every other exit), and VM entry insists

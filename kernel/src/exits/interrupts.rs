@@ -7,17 +7,13 @@
 
 use crate::vm::Vm;
 use crate::vmx::vmcs::{read, set};
-use hvcore::vmx::event::Event;
+use hvcore::vmx::event::{self, Event, RFLAGS_IF};
 use x86::vmx::vmcs::control::PrimaryControls;
 use x86::vmx::vmcs::{control, guest};
 
-const RFLAGS_IF: u64 = 1 << 9;
-/// Interruptibility state: blocking by STI (bit 0), by MOV SS (1), by NMI (3).
-const BLOCK_STI: u64 = 1 << 0;
-const BLOCK_MOV_SS: u64 = 1 << 1;
-const BLOCK_NMI: u64 = 1 << 3;
-/// VM-entry interruption information: valid (bit 31).
-const VALID: u64 = 1 << 31;
+const BLOCK_STI: u64 = event::BLOCKING_BY_STI as u64;
+const BLOCK_MOV_SS: u64 = event::BLOCKING_BY_MOV_SS as u64;
+const BLOCK_NMI: u64 = event::BLOCKING_BY_NMI as u64;
 
 /// Called with the VM's VMCS current, right before it is entered.
 pub fn deliver(vm: &mut Vm) {
@@ -31,7 +27,7 @@ pub fn deliver(vm: &mut Vm) {
     if lapic.take_nmi() {
         vm.nmi_pending = true;
     }
-    let mut queued = read(control::VMENTRY_INTERRUPTION_INFO_FIELD) & VALID != 0;
+    let mut queued = read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32 & event::VALID != 0;
     let blocking = read(guest::INTERRUPTIBILITY_STATE);
     let mut windows = PrimaryControls::empty();
     if vm.nmi_pending {

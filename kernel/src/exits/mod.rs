@@ -117,7 +117,6 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
 /// Without this an NMI could nest inside the guest's NMI handler.
 fn restore_nmi_blocking(basic: u16) {
     const NMI_UNBLOCKED_BY_IRET: u64 = 1 << 12;
-    const BLOCKING_BY_NMI: u64 = 1 << 3;
     let bit = match basic {
         reason::EPT_VIOLATION => read(ro::EXIT_QUALIFICATION) & NMI_UNBLOCKED_BY_IRET,
         reason::EXCEPTION_OR_NMI => read(ro::VMEXIT_INTERRUPTION_INFO) & NMI_UNBLOCKED_BY_IRET,
@@ -125,7 +124,7 @@ fn restore_nmi_blocking(basic: u16) {
     };
     // Undefined when the exit came during an event's delivery.
     if bit != 0 && read(ro::IDT_VECTORING_INFO) as u32 & event::VALID == 0 {
-        set(guest::INTERRUPTIBILITY_STATE, read(guest::INTERRUPTIBILITY_STATE) | BLOCKING_BY_NMI);
+        set(guest::INTERRUPTIBILITY_STATE, read(guest::INTERRUPTIBILITY_STATE) | event::BLOCKING_BY_NMI as u64);
     }
 }
 
@@ -172,8 +171,7 @@ pub fn advance_rip(_vm: &mut Vm, len: u64) -> Next {
 /// `error_code` where it has one.
 pub fn inject(e: Event, error_code: u32) -> Next {
     if e.kind == event::kind::HARDWARE_EXCEPTION && event::is_fault(e.vector) {
-        const RFLAGS_RF: u64 = 1 << 16;
-        set(guest::RFLAGS, read(guest::RFLAGS) | RFLAGS_RF);
+        set(guest::RFLAGS, read(guest::RFLAGS) | event::RFLAGS_RF);
     }
     if e.error_code {
         set(control::VMENTRY_EXCEPTION_ERR_CODE, error_code as u64);
@@ -198,10 +196,10 @@ fn halt(vm: &mut Vm, what: &str) -> Next {
     let _ = skip_instruction(vm);
     if vm.platform.lapic.is_some() {
         vm.halted = true;
-        vm.halted_with_if = read(guest::RFLAGS) & (1 << 9) != 0;
+        vm.halted_with_if = read(guest::RFLAGS) & event::RFLAGS_IF != 0;
         return Next::Yield;
     }
-    if read(guest::RFLAGS) & (1 << 9) == 0 {
+    if read(guest::RFLAGS) & event::RFLAGS_IF == 0 {
         vm.stop(Cause::Unhandled(alloc::format!("{what} with interrupts disabled: the guest can never wake")));
         return Next::Ended;
     }

@@ -12,7 +12,6 @@ use hvcore::msrs;
 use x86::vmx::vmcs::{control, guest};
 
 const IA32_TSC: u32 = 0x10;
-const IA32_APIC_BASE: u32 = 0x1b;
 const IA32_SYSENTER_CS: u32 = 0x174;
 const IA32_SYSENTER_ESP: u32 = 0x175;
 const IA32_SYSENTER_EIP: u32 = 0x176;
@@ -27,12 +26,12 @@ pub fn read(vm: &mut Vm) -> Next {
     let msr = vm.vcpu.regs.rcx as u32;
     let value = match super::apic::rdmsr(vm, msr) {
         Some(Ok(v)) => v,
-        Some(Err(())) => return inject_gp(),
+        Some(Err(_)) => return inject_gp(),
         None => match msr {
         // The guest's TSC is the host's plus its offset (SDM Vol. 3C 26.6.5).
         IA32_TSC => crate::vcpu::guest_tsc(vm),
         // Without the virtual APIC: xAPIC at the default base, as after reset.
-        IA32_APIC_BASE => APIC_BASE_DEFAULT,
+        hvcore::devices::lapic::MSR_APIC_BASE => APIC_BASE_DEFAULT,
         IA32_SYSENTER_CS => vmread(guest::IA32_SYSENTER_CS),
         IA32_SYSENTER_ESP => vmread(guest::IA32_SYSENTER_ESP),
         IA32_SYSENTER_EIP => vmread(guest::IA32_SYSENTER_EIP),
@@ -57,7 +56,7 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
     let value = (vm.vcpu.regs.rdx << 32) | (vm.vcpu.regs.rax & 0xffff_ffff);
     match super::apic::wrmsr(vm, msr, value) {
         Some(Ok(())) => return skip_instruction(vm),
-        Some(Err(())) => return inject_gp(),
+        Some(Err(_)) => return inject_gp(),
         None => {}
     }
     let field = match msr {

@@ -68,7 +68,12 @@ impl Event {
 /// Guest interruptibility state (SDM 25.4.2, Table 25-3).
 pub const BLOCKING_BY_STI: u32 = 1 << 0;
 pub const BLOCKING_BY_MOV_SS: u32 = 1 << 1;
-const RFLAGS_TF: u64 = 1 << 8;
+/// With virtual NMIs: virtual-NMI blocking (bit 3).
+pub const BLOCKING_BY_NMI: u32 = 1 << 3;
+/// RFLAGS bits the exit paths look at.
+pub const RFLAGS_TF: u64 = 1 << 8;
+pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_RF: u64 = 1 << 16;
 
 /// DR6 bits (SDM Vol. 3B 18.2.3): B0-B3, BD (debug-register access), BS
 /// (single step).
