@@ -34,6 +34,7 @@ then, applying to the last --vm:
   --cmdline STR   the guest kernel's arguments (the loader puts the program
                   name first)
   --module FILE   a multiboot module, its string the file's name; repeatable
+  --initrd FILE   a Linux kernel's initramfs (its one module)
   --label NAME    the name the VM is reported under (default: the file's
                   name, or S); A-Z a-z 0-9 . _ - and at most 32 characters
   --frame-quota N host frames the VM may hold
@@ -188,7 +189,7 @@ pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                     frame_quota: None,
                 });
             }
-            "--mem" | "--cmdline" | "--module" | "--label" | "--frame-quota" => {
+            "--mem" | "--cmdline" | "--module" | "--initrd" | "--label" | "--frame-quota" => {
                 let Some(vm) = cur.as_mut() else {
                     return Err(format!("{arg} must follow a --vm (it applies to the last --vm before it)"));
                 };
@@ -202,6 +203,12 @@ pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                     "--cmdline" => {
                         text(&v).map_err(|e| format!("--cmdline for --vm {}: {e}", vm.arg))?;
                         vm.cmdline.replace(v).map_or(Ok(()), |_| Err(twice()))?;
+                    }
+                    "--initrd" => {
+                        if !vm.modules.is_empty() {
+                            return Err(format!("--initrd {v}: --vm {} has an initramfs or modules already", vm.arg));
+                        }
+                        vm.modules.push(readable(&arg, &v)?);
                     }
                     "--module" => {
                         if vm.modules.len() == MAX_MODULES {
@@ -303,7 +310,7 @@ mod tests {
             let d = std::env::temp_dir().join(format!("boot-args-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&d);
             std::fs::create_dir_all(d.join("dir")).unwrap();
-            for f in ["a.flat", "b.flat", "env", "bad name"] {
+            for f in ["a.flat", "b.flat", "env", "bad name", "bzImage", "initrd"] {
                 std::fs::write(d.join(f), f).unwrap();
             }
             Scratch(d)
@@ -361,7 +368,7 @@ mod tests {
         for flag in ["--emulator", "--firmware", "--options", "--name", "--timeout", "--vm"] {
             assert_eq!(err(&[flag]), format!("{flag} needs a value"));
         }
-        for flag in ["--mem", "--cmdline", "--module", "--label", "--frame-quota"] {
+        for flag in ["--mem", "--cmdline", "--module", "--initrd", "--label", "--frame-quota"] {
             assert_eq!(err(&["--vm", "guest:hello", flag]), format!("{flag} needs a value"));
         }
     }
@@ -401,8 +408,19 @@ mod tests {
     }
 
     #[test]
+    fn initrd_is_the_one_module() {
+        let s = Scratch::new("initrd");
+        let a = args(&["--vm", &s.f("bzImage"), "--initrd", &s.f("initrd"), "--cmdline", "console=ttyS0"]).unwrap();
+        assert_eq!(a.vms[0].modules, [PathBuf::from(s.f("initrd"))]);
+        let e = err(&["--vm", &s.f("bzImage"), "--initrd", &s.f("initrd"), "--initrd", &s.f("env")]);
+        assert!(e.contains("has an initramfs or modules already"), "{e}");
+        let e = err(&["--vm", &s.f("bzImage"), "--module", &s.f("env"), "--initrd", &s.f("initrd")]);
+        assert!(e.contains("has an initramfs or modules already"), "{e}");
+    }
+
+    #[test]
     fn modifiers_need_a_vm_before_them() {
-        for flag in ["--mem", "--cmdline", "--module", "--label", "--frame-quota"] {
+        for flag in ["--mem", "--cmdline", "--module", "--initrd", "--label", "--frame-quota"] {
             let e = err(&["--quiet", flag, "1M", "--vm", "guest:hello"]);
             assert_eq!(e, format!("{flag} must follow a --vm (it applies to the last --vm before it)"));
         }

@@ -125,14 +125,15 @@ pub fn choose(firmware: Firmware) -> Result<(Emulator, String), String> {
 }
 
 /// The command line for QEMU (with or without KVM).
-pub fn qemu_args(kvm: bool, firmware: Firmware, image: &Path, serial: &Path) -> Vec<String> {
+pub fn qemu_args(kvm: bool, firmware: Firmware, image: &Path, serial: &Path, mem_mib: u64) -> Vec<String> {
     let mut a: Vec<String> = vec!["-machine".into(), "q35".into()];
     if kvm {
         a.extend(["-enable-kvm", "-cpu", "host"].map(String::from));
     } else {
         a.extend(["-accel", "tcg", "-cpu", "max"].map(String::from));
     }
-    a.extend(["-m", "256M", "-display", "none", "-no-reboot", "-monitor", "none"].map(String::from));
+    a.extend(["-m".into(), format!("{mem_mib}M")]);
+    a.extend(["-display", "none", "-no-reboot", "-monitor", "none"].map(String::from));
     a.push("-drive".into());
     a.push(format!("format=raw,file={}", image.display()));
     a.push("-serial".into());
@@ -144,12 +145,24 @@ pub fn qemu_args(kvm: bool, firmware: Firmware, image: &Path, serial: &Path) -> 
     a
 }
 
+/// The machine's memory in MiB: 512, or enough for every VM's memory in
+/// full plus 256 MiB for the hypervisor, its bundle and the EPT tables,
+/// whichever is more (up to [`MAX_MACHINE_MIB`]). Dedupe usually leaves
+/// much of it unused, but a VM must not run out because it was not.
+pub fn machine_mib(vms: &[crate::args::Vm]) -> u64 {
+    let guests: u64 = vms.iter().map(|vm| vm.mem >> 20).sum();
+    (guests + 256).clamp(512, MAX_MACHINE_MIB)
+}
+
+/// The most the machine is given (Bochs allocates it all up front).
+pub const MAX_MACHINE_MIB: u64 = 4096;
+
 /// A bochsrc that runs headless (FACTS.md: the `term` display under a
 /// pseudo-terminal; dummy sound; panics reported, not fatal to the display).
-pub fn bochsrc(image: &Path, serial: &Path, log: &Path) -> String {
+pub fn bochsrc(image: &Path, serial: &Path, log: &Path, mem_mib: u64) -> String {
     format!(
         "cpu: model={BOCHS_CPU}, count=1, ips=50000000, reset_on_triple_fault=0\n\
-         memory: guest=512, host=512\n\
+         memory: guest={mem_mib}, host={mem_mib}\n\
          romimage: file={BOCHS_BIOS}\n\
          vgaromimage: file={BOCHS_VGABIOS}\n\
          vga: extension=cirrus\n\
@@ -173,5 +186,26 @@ pub fn image_for(images: &crate::images::Images, firmware: Firmware) -> PathBuf 
     match firmware {
         Firmware::Bios => images.bios.clone(),
         Firmware::Uefi => images.uefi.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Source, Vm};
+
+    fn vm(mem_mib: u64) -> Vm {
+        Vm { source: Source::File("k".into()), label: "k".into(), mem: mem_mib << 20, cmdline: String::new(), modules: vec![], frame_quota: None }
+    }
+
+    #[test]
+    fn the_machine_holds_every_vm_in_full() {
+        assert_eq!(machine_mib(&[]), 512, "the project's own VMs");
+        assert_eq!(machine_mib(&[vm(128), vm(128)]), 512);
+        assert_eq!(machine_mib(&[vm(128), vm(128), vm(128)]), 640, "three Linux VMs");
+        assert_eq!(machine_mib(&[vm(3 << 10), vm(3 << 10)]), MAX_MACHINE_MIB);
+        assert!(bochsrc(Path::new("i"), Path::new("s"), Path::new("l"), 640).contains("memory: guest=640, host=640\n"));
+        let q = qemu_args(false, Firmware::Bios, Path::new("i"), Path::new("s"), 640);
+        assert!(q.windows(2).any(|w| w == ["-m", "640M"]), "{q:?}");
     }
 }

@@ -48,20 +48,25 @@ fn build_elfs() -> Result<(PathBuf, PathBuf), String> {
 /// Where each VM's files go in the bundle, and the manifest that names
 /// them: kernels at `vm/<n>/kernel`, modules at `vm/<n>/module/<k>`; the
 /// project's guest program is `guest/guest.elf`, which every bundle has.
+/// A file named again (the same kernel or initramfs for several VMs) is
+/// carried once, under the name of its first use: the bootloader loads the
+/// whole bundle into memory, and a Linux kernel is 14 MB.
 pub fn manifest(vms: &[Vm]) -> Vec<VmEntry> {
+    let mut placed: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+    let mut place = |file: &Path, name: String| placed.entry(file.to_path_buf()).or_insert(name).clone();
     vms.iter()
         .enumerate()
         .map(|(n, vm)| {
             let (kind, kernel) = match &vm.source {
                 Source::Guest(s) => (Kind::Program { scenario: s.clone() }, GUEST_ELF.to_string()),
-                Source::File(_) => (Kind::File, format!("vm/{n}/kernel")),
+                Source::File(f) => (Kind::File, place(f, format!("vm/{n}/kernel"))),
             };
             let modules = vm
                 .modules
                 .iter()
                 .enumerate()
                 .map(|(k, m)| ModuleEntry {
-                    path: format!("vm/{n}/module/{k}"),
+                    path: place(m, format!("vm/{n}/module/{k}")),
                     cmdline: m.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
                 })
                 .collect();
@@ -96,12 +101,17 @@ pub fn bundle<W: Write>(out: W, guest: &Path, options: &str, vms: &[Vm]) -> Resu
     if !vms.is_empty() {
         let entries = manifest(vms);
         add("vms", hvcore::manifest::render(&entries).as_bytes())?;
+        let mut added = std::collections::HashSet::new();
         for (vm, entry) in vms.iter().zip(&entries) {
             if let Source::File(kernel) = &vm.source {
-                add(&entry.kernel, &read(kernel)?)?;
+                if added.insert(entry.kernel.clone()) {
+                    add(&entry.kernel, &read(kernel)?)?;
+                }
             }
             for (file, m) in vm.modules.iter().zip(&entry.modules) {
-                add(&m.path, &read(file)?)?;
+                if added.insert(m.path.clone()) {
+                    add(&m.path, &read(file)?)?;
+                }
             }
         }
     }
@@ -206,13 +216,14 @@ mod tests {
         let names: Vec<_> = b.entries().map(|e| e.name).collect();
         assert_eq!(
             names,
-            ["options", "guest/guest.elf", "vms", "vm/0/kernel", "vm/0/module/0", "vm/0/module/1", "vm/2/kernel", "vm/2/module/0"]
+            ["options", "guest/guest.elf", "vms", "vm/0/kernel", "vm/0/module/0", "vm/0/module/1", "vm/2/kernel"],
+            "vm 2's module is vm 0's first: carried once"
         );
         assert_eq!(b.file("vm/0/kernel"), Some(&big[..]));
         assert_eq!(b.file("vm/0/module/0"), Some(&b"NR_CPUS=1\n"[..]));
         assert_eq!(b.file("vm/0/module/1"), Some(&b"second module"[..]));
         assert_eq!(b.file("vm/2/kernel"), Some(&b"X"[..]));
-        assert_eq!(b.file("vm/2/module/0"), Some(&b"NR_CPUS=1\n"[..]));
+        assert_eq!(b.file("vm/2/module/0"), None);
         assert_eq!(b.file("guest/guest.elf"), Some(&b"GUEST"[..]));
         assert_eq!(b.file("options"), Some(&b""[..]));
 
@@ -246,7 +257,7 @@ mod tests {
                     kernel: "vm/2/kernel".into(),
                     mem: 128 << 20,
                     cmdline: String::new(),
-                    modules: vec![module("vm/2/module/0", "env")],
+                    modules: vec![module("vm/0/module/0", "env")],
                     frame_quota: None,
                 },
             ]
@@ -262,11 +273,20 @@ mod tests {
 
     #[test]
     fn the_largest_bundle_stays_within_the_name_field() {
-        // 64 VMs of 16 modules: the longest path is vm/63/module/15.
-        let s = Scratch::new("max", &[("g", b"G"), ("k", b"K")]);
-        let mut v = vm(Source::File(s.0.join("k")), "k");
-        v.modules = vec![s.0.join("k"); hvcore::manifest::MAX_MODULES];
-        let vms = vec![v; hvcore::manifest::MAX_VMS];
+        // 64 VMs of 16 modules, all different files: the longest path is
+        // vm/63/module/15.
+        let s = Scratch::new("max", &[("g", b"G")]);
+        let file = |name: String| {
+            let p = s.0.join(name);
+            std::fs::write(&p, b"K").unwrap();
+            p
+        };
+        let vms: Vec<Vm> = (0..hvcore::manifest::MAX_VMS)
+            .map(|n| Vm {
+                modules: (0..hvcore::manifest::MAX_MODULES).map(|k| file(format!("m{n}-{k}"))).collect(),
+                ..vm(Source::File(file(format!("k{n}"))), "k")
+            })
+            .collect();
         let tar = bundle(Vec::new(), &s.0.join("g"), "", &vms).unwrap();
         let b = Bundle::parse(&tar).unwrap();
         assert_eq!(b.entries().count(), 3 + 64 * 17);
@@ -291,5 +311,22 @@ mod tests {
         let loud = boot_config(true);
         assert!(loud.serial_logging && !loud.frame_buffer_logging);
         assert_eq!(loud.log_level, LevelFilter::Trace);
+    }
+
+    #[test]
+    fn a_kernel_for_several_vms_is_carried_once() {
+        let s = Scratch::new("shared", &[("guest.elf", b"G"), ("bzImage", b"LINUX"), ("initrd", b"CPIO"), ("other", b"O")]);
+        let f = |n: &str| s.0.join(n);
+        let linux = |label: &str| Vm { modules: vec![f("initrd")], ..vm(Source::File(f("bzImage")), label) };
+        let vms = [linux("a"), linux("b"), vm(Source::File(f("other")), "c"), linux("d")];
+        let m = manifest(&vms);
+        let kernels: Vec<_> = m.iter().map(|e| e.kernel.as_str()).collect();
+        assert_eq!(kernels, ["vm/0/kernel", "vm/0/kernel", "vm/2/kernel", "vm/0/kernel"]);
+        assert!(m.iter().filter(|e| e.label != "c").all(|e| e.modules[0].path == "vm/0/module/0"));
+        let tar = bundle(Vec::new(), &f("guest.elf"), "", &vms).unwrap();
+        let b = Bundle::parse(&tar).unwrap();
+        let names: Vec<_> = b.entries().map(|e| e.name).collect();
+        assert_eq!(names, ["options", "guest/guest.elf", "vms", "vm/0/kernel", "vm/0/module/0", "vm/2/kernel"]);
+        assert_eq!(b.file("vm/0/kernel"), Some(&b"LINUX"[..]));
     }
 }

@@ -48,6 +48,7 @@ fn run(args: &Args) -> Result<Status, String> {
         dir: images::workspace_root().join("target/runs").join(format!("{}-{emulator}-{}", args.name, args.firmware)),
         timeout: args.timeout,
         echo: args.echo,
+        mem_mib: emulator::machine_mib(&args.vms),
     };
     let report = run.start()?;
     let summary = report.to_summary.map_or("never".into(), |d| format!("after {:.2} s", d.as_secs_f64()));

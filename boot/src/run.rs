@@ -160,6 +160,8 @@ pub struct Run<'a> {
     pub dir: PathBuf,
     pub timeout: Duration,
     pub echo: bool,
+    /// The machine's memory ([`emulator::machine_mib`]).
+    pub mem_mib: u64,
 }
 
 impl Run<'_> {
@@ -180,7 +182,7 @@ impl Run<'_> {
                 let rc = self.dir.join("bochsrc");
                 let cmds = self.dir.join("bochs.cmds");
                 let log = self.dir.join("bochs.log");
-                std::fs::write(&rc, emulator::bochsrc(&image, &serial, &log)).map_err(|e| io(e, &rc))?;
+                std::fs::write(&rc, emulator::bochsrc(&image, &serial, &log, self.mem_mib)).map_err(|e| io(e, &rc))?;
                 // The Debian build has the debugger in: `c` makes it run.
                 std::fs::write(&cmds, "c\n").map_err(|e| io(e, &cmds))?;
                 let mut c = Command::new("script");
@@ -190,7 +192,7 @@ impl Run<'_> {
             }
             Emulator::QemuKvm | Emulator::QemuTcg => {
                 let mut c = Command::new(emulator::QEMU);
-                c.args(emulator::qemu_args(self.emulator == Emulator::QemuKvm, self.firmware, &image, &serial));
+                c.args(emulator::qemu_args(self.emulator == Emulator::QemuKvm, self.firmware, &image, &serial, self.mem_mib));
                 c
             }
         };
