@@ -4,11 +4,14 @@
 //! | ports         | device                                          |
 //! |---------------|-------------------------------------------------|
 //! | 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 | the 8259A pair and ELCR     |
+//! | 0x40-0x43, 0x61 | the 8254 PIT (channel 0 on IRQ 0); 0x61 NMI status and control (channel 2's gate and OUT) |
+//! | 0x60, 0x64    | the 8042 keyboard controller, no keyboard or mouse (IRQ 1, 12); resets |
+//! | 0x70-0x71     | the MC146818 RTC and CMOS RAM                   |
 //! | 0x80          | POST code / I/O delay: taken and ignored, reads 0xff |
 //! | 0xf4-0xf7     | isa-debug-exit                                  |
 //! | 0x3f8-0x3ff   | COM1, a 16550A (IRQ 4)                          |
 //! | 0x510-0x511   | fw_cfg (DMA ports 0x514-0x51b not claimed)      |
-//! | 0xcf8-0xcff   | PCI configuration mechanism #1, no device; 0xcf9 reset control ([`Platform::take_reset_request`]) |
+//! | 0xcf8-0xcff   | PCI configuration mechanism #1, no device; 0xcf9 reset control |
 //!
 //! Any other port reads as all ones of the access size (nothing drives
 //! the bus), ignores writes, and is counted ([`Platform::unknown_ports`]).
@@ -23,15 +26,31 @@
 //! unclaimed ports (counted once for the access). Ports past 0xffff are
 //! unclaimed.
 //!
-//! Interrupts: after each access COM1's interrupt output is driven onto
-//! ISA IRQ 4 of the PIC (it reaches no CPU until the kernel injects
+//! Interrupts: after each access (and each [`Platform::poll`]) COM1's
+//! interrupt output is driven onto ISA IRQ 4 of the PIC, the keyboard
+//! controller's onto IRQ 1 and 12, and every rising edge of PIT channel
+//! 0's OUT since the last look is one edge on IRQ 0 (none of them reaches
+//! a CPU until the kernel injects
 //! [`crate::devices::pic::Pic::pending_vector`]).
+//!
+//! Time: the PIT and the RTC run on the guest's TSC. [`Platform::poll`]
+//! tells the platform the guest TSC now; the kernel calls it before every
+//! port access and before it asks the PIC for an interrupt, and sleeps no
+//! later than [`Platform::next_deadline`] (the LAPIC timer's deadline is
+//! the LAPIC's own). Accesses happen at the time of the last poll.
+//!
+//! Resets: an OUT that asks for a platform reset (0xfe or an output port
+//! write with bit 0 clear to the keyboard controller, a reset through
+//! 0xcf9) returns [`IoEffect::Reset`].
 
 use crate::devices::debug_exit::{self, DebugExit};
 use crate::devices::fw_cfg::{self, FwCfg};
-use crate::devices::pci::{self, PciHost, PciWrite};
+use crate::devices::i8042::{self, I8042};
 use crate::devices::lapic::Lapic;
+use crate::devices::pci::{self, PciHost, PciWrite};
 use crate::devices::pic::Pic;
+use crate::devices::pit::{self, Pit};
+use crate::devices::rtc::{self, Rtc};
 use crate::devices::uart16550::{self, Uart16550};
 use alloc::string::String;
 
@@ -47,6 +66,8 @@ pub struct PlatformConfig {
     pub cpus: u16,
     /// A local APIC (APIC ID 0) for its one vCPU.
     pub lapic: bool,
+    /// The guest TSC's rate, Hz: the clock of the PIT and the RTC.
+    pub tsc_hz: u64,
 }
 
 /// What a guest OUT means beyond the device's own state.
@@ -59,18 +80,22 @@ pub enum IoEffect {
     /// isa-debug-exit: end this VM with this status (the value written;
     /// QEMU would exit with `(status << 1) | 1`).
     Exit(u32),
+    /// The guest asked for a platform reset (keyboard controller or
+    /// 0xcf9): end this VM as rebooted.
+    Reset,
 }
 
 impl IoEffect {
     /// Of two effects of one access (split into bytes), the one to keep:
-    /// ending the VM over a line, the first exit over a later one. (One
-    /// access holds at most one THR byte, so no line is dropped.)
+    /// ending the VM over a line, the first exit or reset over a later
+    /// one. (One access holds at most one THR byte, so no line is
+    /// dropped.)
     fn or(self, other: IoEffect) -> IoEffect {
         fn rank(e: &IoEffect) -> u8 {
             match e {
                 IoEffect::None => 0,
                 IoEffect::Line(_) => 1,
-                IoEffect::Exit(_) => 2,
+                IoEffect::Exit(_) | IoEffect::Reset => 2,
             }
         }
         if rank(&other) > rank(&self) {
@@ -91,8 +116,13 @@ pub struct Platform {
     /// no ports, so `io_read`/`io_write` do not route to it; the kernel's
     /// exit handlers do).
     pub lapic: Option<Lapic>,
+    pub pit: Pit,
+    pub rtc: Rtc,
+    pub i8042: I8042,
+    /// The guest TSC of the last [`Platform::poll`].
+    now: u64,
     unknown_ports: u64,
-    /// The guest wrote a reset request to 0xcf9 and nobody took it yet.
+    /// The guest asked for a reset and nobody took it yet.
     reset_requested: bool,
 }
 
@@ -128,18 +158,37 @@ impl Platform {
             pci: PciHost::new(),
             pic: Pic::new(),
             lapic: config.lapic.then(|| Lapic::new(0)),
+            pit: Pit::new(config.tsc_hz),
+            rtc: Rtc::new(rtc::DEFAULT_BOOT_TIME, config.ram_size, config.tsc_hz),
+            i8042: I8042::new(),
+            now: 0,
             unknown_ports: 0,
             reset_requested: false,
         }
     }
 
-    /// Whether the guest asked for a platform reset (a 0-to-1 transition
-    /// of bit 2 of the PIIX3 reset control register, 0xcf9) since the
-    /// last call. Not an [`IoEffect`]: no kvm-unit-tests or default Linux
-    /// path writes it (Linux uses 0xcf9 only once it found mechanism #1
-    /// with a host bridge behind it), and the VM keeps running.
+    /// Whether the guest asked for a platform reset since the last call:
+    /// a 0-to-1 transition of bit 2 of the PIIX3 reset control register
+    /// (0xcf9; Linux uses it only once it found mechanism #1 with a host
+    /// bridge behind it) or the keyboard controller's reset line. The OUT
+    /// that asked returned [`IoEffect::Reset`].
     pub fn take_reset_request(&mut self) -> bool {
         core::mem::take(&mut self.reset_requested)
+    }
+
+    /// The guest TSC is `now` (an earlier value than the last is ignored):
+    /// the port accesses that follow happen then, and what fell due by
+    /// then is driven onto the PIC (PIT channel 0's edges on IRQ 0).
+    pub fn poll(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        self.sync_irqs();
+    }
+
+    /// The guest TSC at which a device next raises an interrupt by itself
+    /// (PIT channel 0), if any; it may lie in the past (then it is due at
+    /// the next [`Platform::poll`]). The LAPIC timer is not included.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.pit.next_deadline()
     }
 
     /// Accesses to unclaimed ports (or refused by a device) so far.
@@ -234,6 +283,12 @@ impl Platform {
             Taken::Done(u32::from(self.uart.read(p)))
         } else if Pic::claims(p) {
             Taken::Done(u32::from(self.pic.read(p)))
+        } else if Pit::claims(p) {
+            Taken::Done(u32::from(self.pit.read(p, self.now)))
+        } else if I8042::claims(p) {
+            Taken::Done(u32::from(self.i8042.read(p)))
+        } else if Rtc::claims(p) {
+            Taken::Done(u32::from(self.rtc.read(p, self.now)))
         } else if p == POST_PORT {
             Taken::Done(0xff)
         } else {
@@ -256,7 +311,7 @@ impl Platform {
                 PciWrite::Done => Taken::Done(IoEffect::None),
                 PciWrite::Reset => {
                     self.reset_requested = true;
-                    Taken::Done(IoEffect::None)
+                    Taken::Done(IoEffect::Reset)
                 }
                 PciWrite::Refused => Taken::Refused,
             };
@@ -270,6 +325,19 @@ impl Platform {
         } else if Pic::claims(p) {
             self.pic.write(p, byte);
             Taken::Done(IoEffect::None)
+        } else if Pit::claims(p) {
+            self.pit.write(p, byte, self.now);
+            Taken::Done(IoEffect::None)
+        } else if I8042::claims(p) {
+            if self.i8042.write(p, byte) {
+                self.reset_requested = true;
+                Taken::Done(IoEffect::Reset)
+            } else {
+                Taken::Done(IoEffect::None)
+            }
+        } else if Rtc::claims(p) {
+            self.rtc.write(p, byte, self.now);
+            Taken::Done(IoEffect::None)
         } else if p == POST_PORT {
             Taken::Done(IoEffect::None)
         } else {
@@ -280,6 +348,13 @@ impl Platform {
     /// Drives the device interrupt lines onto the PIC.
     fn sync_irqs(&mut self) {
         self.pic.set_irq_level(uart16550::COM1_IRQ, self.uart.irq_pending());
+        self.pic.set_irq_level(i8042::KBD_IRQ, self.i8042.kbd_irq());
+        self.pic.set_irq_level(i8042::AUX_IRQ, self.i8042.aux_irq());
+        // OUT 0 is sampled, not followed: a mode 2 low pulse lasts one
+        // CLK, so the PIT reports the rising edges it had.
+        if self.pit.poll(self.now) {
+            self.pic.raise_irq(pit::IRQ);
+        }
     }
 }
 
@@ -290,8 +365,10 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    const TSC_HZ: u64 = 2_500_000_000;
+
     fn platform() -> Platform {
-        Platform::new(&PlatformConfig { ram_size: 256 * MIB, cpus: 1, lapic: false })
+        Platform::new(&PlatformConfig { ram_size: 256 * MIB, cpus: 1, lapic: false, tsc_hz: TSC_HZ })
     }
 
     fn outb(p: &mut Platform, v: u8, port: u16) -> IoEffect {
@@ -400,10 +477,11 @@ mod tests {
     #[test]
     fn unclaimed_ports_read_all_ones_and_are_counted() {
         let mut p = platform();
-        assert_eq!(p.io_read(0x60, 1), 0xff);
-        assert_eq!(p.io_read(0x40, 2), 0xffff);
+        // LPT1, the primary IDE channel, the secondary's status.
+        assert_eq!(p.io_read(0x378, 1), 0xff);
+        assert_eq!(p.io_read(0x1f0, 2), 0xffff);
         assert_eq!(p.io_read(0x1234, 4), 0xffff_ffff);
-        assert_eq!(p.io_write(0x43, 1, 0x34), IoEffect::None);
+        assert_eq!(p.io_write(0x177, 1, 0x34), IoEffect::None);
         assert_eq!(p.unknown_ports(), 4);
         // fw_cfg DMA is not there; nor COM2.
         assert_eq!(p.io_read(0x514, 4), 0xffff_ffff);
@@ -444,7 +522,7 @@ mod tests {
         // Reset control.
         assert_eq!(p.io_write(0xcf9, 1, 0x02), IoEffect::None);
         assert!(!p.take_reset_request());
-        assert_eq!(p.io_write(0xcf9, 1, 0x06), IoEffect::None);
+        assert_eq!(p.io_write(0xcf9, 1, 0x06), IoEffect::Reset);
         assert!(p.take_reset_request());
         assert!(!p.take_reset_request(), "taken once");
         assert_eq!(p.io_read(0xcf9, 1), 0x06);
@@ -514,11 +592,243 @@ mod tests {
 
     #[test]
     fn fw_cfg_with_more_cpus() {
-        let mut p = Platform::new(&PlatformConfig { ram_size: 5 << 30, cpus: 4, lapic: false });
+        let mut p = Platform::new(&PlatformConfig { ram_size: 5 << 30, cpus: 4, lapic: false, tsc_hz: TSC_HZ });
         assert_eq!(fwcfg_get(&mut p, key::SIGNATURE, 4), u64::from(u32::from_le_bytes(*b"QEMU")));
         assert_eq!(fwcfg_get(&mut p, key::ID, 4), 1);
         assert_eq!(fwcfg_get(&mut p, key::NB_CPUS, 2), 4);
         assert_eq!(fwcfg_get(&mut p, key::MAX_CPUS, 2), 4);
         assert_eq!(fwcfg_get(&mut p, key::RAM_SIZE, 8), 5 << 30);
+    }
+
+    /// A guest on the platform whose every port access is one exit of
+    /// `step` TSC ticks; the kernel polls before each access.
+    struct Guest {
+        p: Platform,
+        now: u64,
+        step: u64,
+    }
+
+    impl Guest {
+        fn new(p: Platform) -> Self {
+            Guest { p, now: 0, step: TSC_HZ / 1_000_000 }
+        }
+
+        fn outb(&mut self, v: u8, port: u16) -> IoEffect {
+            self.now += self.step;
+            self.p.poll(self.now);
+            self.p.io_write(port, 1, u32::from(v))
+        }
+
+        /// Linux's outb_p: the write, then a write to 0x80 as I/O delay.
+        fn outb_p(&mut self, v: u8, port: u16) {
+            assert_eq!(self.outb(v, port), IoEffect::None);
+            assert_eq!(self.outb(0, 0x80), IoEffect::None);
+        }
+
+        fn inb(&mut self, port: u16) -> u8 {
+            self.now += self.step;
+            self.p.poll(self.now);
+            inb(&mut self.p, port)
+        }
+
+        fn cmos_read(&mut self, addr: u8) -> u8 {
+            self.outb(addr, 0x70);
+            self.inb(0x71)
+        }
+
+        /// Runs to guest TSC `t` and polls there (the kernel waking the
+        /// idle vCPU at a deadline).
+        fn run_to(&mut self, t: u64) {
+            self.now = self.now.max(t);
+            self.p.poll(self.now);
+        }
+    }
+
+    /// Linux 6.1's boot-time traffic to the PIT, RTC and keyboard
+    /// controller, in boot order, on a legacy-PIC PC without ACPI, ending
+    /// in a reboot through the keyboard controller.
+    #[test]
+    fn linux_boot_port_traffic() {
+        let mut g = Guest::new(platform());
+        // init_8259A: mask both, ICW1-4 (vectors 0x30 and 0x38), then the
+        // cached masks: only the cascade open.
+        for (v, port) in [(0xff, 0x21), (0xff, 0xa1), (0x11, 0x20), (0x30, 0x21), (0x04, 0x21), (0x01, 0x21), (0x11, 0xa0), (0x38, 0xa1), (0x02, 0xa1), (0x01, 0xa1)] {
+            g.outb_p(v, port);
+        }
+        g.outb(0xfb, 0x21);
+        g.outb(0xff, 0xa1);
+
+        // read_persistent_clock64 -> mach_get_cmos_time -> mc146818_get_time
+        // (one clean pass of mc146818_avoid_UIP).
+        assert_eq!(g.cmos_read(0x0d) & 0x40, 0);
+        let sec = g.cmos_read(0x00);
+        assert_eq!(g.cmos_read(0x0a) & 0x80, 0, "no update in progress");
+        assert_eq!(g.cmos_read(0x00), sec);
+        let date = [g.cmos_read(0x02), g.cmos_read(0x04), g.cmos_read(0x07), g.cmos_read(0x08), g.cmos_read(0x09)];
+        let ctrl = g.cmos_read(0x0b);
+        assert_eq!(g.cmos_read(0x0a) & 0x80, 0);
+        assert_eq!(g.cmos_read(0x00), sec);
+        assert_eq!(ctrl & 0x04, 0, "BCD");
+        assert_eq!((sec, date), (0x00, [0x00, 0x00, 0x01, 0x01, 0x26]), "2026-01-01 00:00:00");
+
+        // quick_pit_calibrate: gate 2 high, speaker off, channel 2 mode 0
+        // from 0xffff; the MSB must fall by one every 256 PIT ticks.
+        let b = g.inb(0x61);
+        g.outb((b & !0x02) | 0x01, 0x61);
+        g.outb(0xb0, 0x43);
+        g.outb(0xff, 0x42);
+        g.outb(0xff, 0x42);
+        let msb = |g: &mut Guest| {
+            g.inb(0x42);
+            g.inb(0x42)
+        };
+        while msb(&mut g) == 0xff {}
+        let t0 = g.now;
+        let mut steps = 0;
+        while steps < 100 {
+            let m = msb(&mut g);
+            if m != 0xfe - steps {
+                assert_eq!(m, 0xfd - steps, "one step at a time");
+                steps += 1;
+            }
+        }
+        let khz = (g.now - t0) * pit::PIT_HZ / (u64::from(steps) * 256 * 1000);
+        assert!(khz.abs_diff(TSC_HZ / 1000) < TSC_HZ / 1000 / 1000, "{khz} kHz");
+
+        // The PIT clockevent, periodic at HZ = 250; unmask IRQ 0.
+        g.outb_p(0x34, 0x43);
+        g.outb_p((4773 & 0xff) as u8, 0x40);
+        g.outb_p((4773 >> 8) as u8, 0x40);
+        g.outb(0xfa, 0x21);
+        let period = 4773 * TSC_HZ / pit::PIT_HZ;
+        let mut last = None;
+        for _ in 0..5 {
+            let d = g.p.next_deadline().expect("the tick is armed");
+            assert!(d > g.now);
+            if let Some(l) = last {
+                let gap: u64 = d - l;
+                assert!(gap.abs_diff(period) <= 1, "{gap} vs {period}");
+            }
+            last = Some(d);
+            g.run_to(d - 1);
+            assert_eq!(g.p.pic.pending_vector(), None, "not before its deadline");
+            g.run_to(d);
+            assert_eq!(g.p.pic.ack(), Some(0x30), "IRQ 0");
+            // The handler's EOI.
+            g.outb(0x20, 0x20);
+            assert_eq!(g.p.pic.pending_vector(), None);
+        }
+        // A guest that sleeps through many ticks gets one.
+        g.run_to(g.now + 100 * period);
+        assert_eq!(g.p.pic.ack(), Some(0x30));
+        g.outb(0x20, 0x20);
+        g.run_to(g.now + 10);
+        assert_eq!(g.p.pic.pending_vector(), None);
+
+        // The i8042 driver: i8042_controller_check (flush), self-test,
+        // CTR read twice and written back with the keyboard disabled.
+        assert_eq!(g.inb(0x64) & 0x01, 0, "output buffer empty");
+        assert_eq!(g.inb(0x64) & 0x02, 0);
+        g.outb(0xaa, 0x64);
+        assert_ne!(g.inb(0x64) & 0x01, 0);
+        assert_eq!(g.inb(0x60), 0x55);
+        g.outb(0x20, 0x64);
+        let ctr = g.inb(0x60);
+        g.outb(0x20, 0x64);
+        assert_eq!(g.inb(0x60), ctr);
+        g.outb(0x60, 0x64);
+        g.outb((ctr | 0x10) & !0x01, 0x60);
+        assert_eq!(g.p.i8042.command_byte(), 0x74);
+        // The keyboard interrupt: atkbd's GET ID to an absent keyboard is
+        // answered at once, on IRQ 1 once the port is enabled.
+        g.outb(0x60, 0x64);
+        g.outb(0x45, 0x60);
+        g.outb(0xf8, 0x21);
+        g.outb(0xf2, 0x60);
+        assert_eq!(g.p.pic.pending_vector(), Some(0x31));
+        assert_eq!(g.inb(0x64) & 0x41, 0x41, "OBF and time-out");
+        assert_eq!(g.inb(0x60), 0xfe);
+        assert_eq!(g.p.unknown_ports(), 0, "boot touched only ports we emulate");
+
+        // Reboot, BOOT_KBD: kb_wait, then pulse the reset line.
+        assert_eq!(g.inb(0x64) & 0x02, 0);
+        assert_eq!(g.outb(0xfe, 0x64), IoEffect::Reset);
+        assert!(g.p.take_reset_request());
+    }
+
+    #[test]
+    fn new_devices_through_the_router() {
+        let mut p = platform();
+        p.poll(TSC_HZ);
+        // The RTC, one second in; NMI mask bit on the index.
+        p.io_write(0x70, 1, 0x80);
+        assert_eq!(p.io_read(0x71, 1), 0x01);
+        assert!(p.rtc.nmi_masked());
+        // A word access to the index and data ports is split: index 0x09,
+        // then data: the year.
+        p.io_write(0x70, 1, 0x09);
+        assert_eq!(p.io_read(0x70, 2), 0x26ff, "0x70 is write-only; 0x71 the year");
+        // CMOS memory sizes of 256 MiB.
+        p.io_write(0x70, 1, 0x34);
+        assert_eq!(p.io_read(0x71, 1), 0x00);
+        p.io_write(0x70, 1, 0x35);
+        assert_eq!(p.io_read(0x71, 1), 0x0f);
+        // The PIT: port 0x61 (power-on OUT 2 high) and a word latch read.
+        assert_eq!(p.io_read(0x61, 1) & 0x21, 0x20);
+        p.io_write(0x43, 1, 0x30);
+        p.io_write(0x40, 1, 0x00);
+        p.io_write(0x40, 1, 0x10);
+        // Written at PIT tick PIT_HZ (one second); the first TSC tick of
+        // tick PIT_HZ + 0x1000 + 1.
+        assert_eq!(p.next_deadline(), Some(((pit::PIT_HZ + 0x1001) * TSC_HZ).div_ceil(pit::PIT_HZ)));
+        p.poll(TSC_HZ + 1000 * TSC_HZ / pit::PIT_HZ);
+        p.io_write(0x43, 1, 0x00);
+        let c = p.io_read(0x40, 1) | p.io_read(0x40, 1) << 8;
+        assert!((0x1000 - 1000..=0x1000 - 998).contains(&c), "{c:#x}");
+        // The keyboard controller's old reset: output port, bit 0 clear.
+        p.io_write(0x64, 1, 0xd1);
+        assert_eq!(p.io_write(0x60, 1, 0xdf), IoEffect::None);
+        p.io_write(0x64, 1, 0xd1);
+        assert_eq!(p.io_write(0x60, 1, 0xde), IoEffect::Reset);
+        // A split access keeps the reset: outw 0xfe64 at 0x63 is 0x64 to
+        // 0x63 (unclaimed) and 0xfe to 0x64.
+        assert_eq!(p.io_write(0x63, 2, 0xfe64), IoEffect::Reset);
+        assert_eq!(p.unknown_ports(), 1);
+        // Time does not go back.
+        let d = p.next_deadline();
+        p.poll(0);
+        assert_eq!(p.next_deadline(), d);
+    }
+
+    #[test]
+    fn pit_edges_reach_irq_0_only_when_polled() {
+        let mut p = platform();
+        for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0xa0, 0x11), (0xa1, 0x28), (0xa1, 0x02), (0xa1, 0x01)] {
+            outb(&mut p, v, port);
+        }
+        outb(&mut p, 0xfe, 0x21); // only IRQ 0
+        // Mode 4, 100 ticks: one strobe.
+        outb(&mut p, 0x38, 0x43);
+        outb(&mut p, 100, 0x40);
+        outb(&mut p, 0, 0x40);
+        let d = p.next_deadline().unwrap();
+        assert_eq!(d, (102 * TSC_HZ).div_ceil(pit::PIT_HZ), "N + 2 ticks: load, count, the strobe's end");
+        // Nothing happens between polls.
+        assert_eq!(p.pic.pending_vector(), None);
+        p.poll(d - 1);
+        assert_eq!(p.pic.pending_vector(), None);
+        p.poll(d);
+        assert_eq!(p.pic.pending_vector(), Some(0x20));
+        assert_eq!(p.next_deadline(), None, "a one-shot");
+        // Masked, the edge still waits in IRR; unmasked, it is delivered.
+        assert_eq!(p.pic.ack(), Some(0x20));
+        outb(&mut p, 0x20, 0x20);
+        outb(&mut p, 0xff, 0x21);
+        outb(&mut p, 10, 0x40);
+        outb(&mut p, 0, 0x40);
+        p.poll(d + 20 * TSC_HZ / pit::PIT_HZ);
+        assert_eq!(p.pic.pending_vector(), None);
+        outb(&mut p, 0xfe, 0x21);
+        assert_eq!(p.pic.pending_vector(), Some(0x20));
     }
 }

@@ -8,3 +8,6 @@ pub mod lapic;
 pub mod pci;
 pub mod pic;
 pub mod uart16550;
+pub mod i8042;
+pub mod pit;
+pub mod rtc;
