@@ -36,3 +36,8 @@ if ! rustup toolchain list | grep -q "^$toolchain" ||
     rustup toolchain install "$toolchain" --profile minimal \
         -c rust-src -c llvm-tools -c clippy -c rustfmt -t x86_64-unknown-none
 fi
+
+# The Linux guests' kernel and initramfs under target/linux/ (Debian packages
+# downloaded and unpacked there, never installed). Not fatal: only the Linux
+# guests need them.
+bash scripts/linux-guest.sh || echo "setup: scripts/linux-guest.sh failed; the Linux guests cannot boot" >&2
