@@ -6,7 +6,7 @@ use crate::exits::{self, Next};
 use crate::memory::Page;
 use crate::vcpu::{HostCpu, Vcpu};
 use crate::vm::{Cause, End, Kind, Vm};
-use crate::vmx::instructions::{self, InvType};
+use crate::vmx::instructions::{self, GuestRegs as Regs, InvType};
 use crate::vmx::vmcs::{self, Vmcs};
 use crate::vmx::Vmx;
 use alloc::boxed::Box;
@@ -20,7 +20,7 @@ use hvcore::frame::FrameAllocator;
 use hvcore::hypercall::{guest_arg, scenario};
 use hvcore::mmu_notifier::{NotifierMode, TlbFlush};
 use hvcore::page_manager::{PageManager, VmConfig, VmId};
-use hvcore::loader::multiboot;
+use hvcore::loader::{linux, multiboot};
 use hvcore::phys::OffsetPhysMem;
 use hvcore::platform::{Platform, PlatformConfig};
 use hvcore::vmx::exit::{exit_reason_name, reason};
@@ -68,6 +68,9 @@ pub struct Host {
     converged_logged: bool,
     oom_test: bool,
     starving_someone: bool,
+    /// The TSC rate in Hz ([`crate::tsc::measure`]; 0 if unknown): guests'
+    /// TSCs run at it too.
+    pub tsc_hz: u64,
     /// Frames held away from the pool while a starved VM runs (oom-test).
     held: Vec<hvcore::phys::PhysAddr>,
 }
@@ -87,6 +90,10 @@ impl Host {
             invpcid: self.secondary.contains(S::ENABLE_INVPCID),
             lapic: lapic.is_some(),
             apic_enabled: lapic.is_some_and(|l| l.mode() != Mode::Disabled),
+            // The VMs with the virtual PC learn the rate their PIT and APIC
+            // timer count at; the guest program needs none.
+            tsc_hz: if lapic.is_some() { self.tsc_hz } else { 0 },
+            xcr0: 0,
         }
     }
 
@@ -189,6 +196,8 @@ pub enum Guest<'a> {
     Program { elf: &'a [u8], scenario: u8 },
     /// A multiboot kernel, its file name, arguments and modules.
     Multiboot { kernel: &'a [u8], name: &'a str, args: &'a str, modules: Vec<multiboot::Module<'a>> },
+    /// A Linux bzImage, its initramfs and command line.
+    Linux { kernel: &'a [u8], initrd: Option<&'a [u8]>, cmdline: &'a str },
 }
 
 pub struct Hypervisor {
@@ -205,7 +214,7 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
-    pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy, oom_test: bool) -> Hypervisor {
+    pub fn new(vmx: &Vmx, frames: FrameAllocator, mode: NotifierMode, sharing: SharingPolicy, oom_test: bool, tsc_hz: u64) -> Hypervisor {
         // With EPT accessed/dirty flags (SDM Vol. 3C 29.3.5) the scanner sees
         // which pages the guest wrote instead of hashing every page again.
         let track_dirty = vmx.caps.has_ept_accessed_dirty();
@@ -216,7 +225,7 @@ impl Hypervisor {
         let secondary = vmcs::optional_secondary(&vmx.caps);
         let mut host = Host {
             caps: vmx.caps, cpu, cr4_allowed: 0, secondary, pm, sharing, converged_logged: false, oom_test,
-            starving_someone: false, held: Vec::new(),
+            starving_someone: false, held: Vec::new(), tsc_hz,
         };
         // The CR4 bits of the CPU the guest is shown (with CR4.OSXSAVE and
         // PKE on, so that nothing they gate is hidden), within VMX's limits.
@@ -237,7 +246,7 @@ impl Hypervisor {
         let memhog = matches!(new.guest, Guest::Program { scenario: scenario::MEMHOG, .. });
         let file_quota = match new.guest {
             // All of its memory, and the EPT tables that map it.
-            Guest::Multiboot { .. } => Some((new.mem >> 12) as usize + (new.mem >> 21) as usize + 64),
+            Guest::Multiboot { .. } | Guest::Linux { .. } => Some((new.mem >> 12) as usize + (new.mem >> 21) as usize + 64),
             Guest::Program { .. } => None,
         };
         if let Some(q) = new.frame_quota.or(memhog.then_some(MEMHOG_QUOTA)).or(file_quota) {
@@ -276,7 +285,7 @@ impl Hypervisor {
                     pm.write_gpa(id, gpa, bytes).map_err(|_| ())
                 })
                 .map_err(|e| format!("{e}"))?;
-                (vmcs::Start::Long64(&boot), Kind::Program { scenario: *scn }, (boot.rdi, 0, 0))
+                (vmcs::Start::Long64(&boot), Kind::Program { scenario: *scn }, Regs { rdi: boot.rdi, ..Regs::default() })
             }
             Guest::Multiboot { kernel, name: file, args, modules } => {
                 if !self.host.caps.has_unrestricted_guest() {
@@ -288,7 +297,21 @@ impl Hypervisor {
                 let spec = multiboot::Spec { kernel, name: file, args, modules, mem_size: new.mem };
                 let entry = multiboot::load(&spec, &mut |gpa, bytes| pm.write_gpa(id, gpa, bytes).map_err(|_| ()))
                     .map_err(|e| format!("{e}"))?;
-                (vmcs::Start::Protected32 { eip: entry.eip }, Kind::Multiboot, (0, entry.eax as u64, entry.ebx as u64))
+                (vmcs::Start::Protected32 { eip: entry.eip, gdt: (0, 0) }, Kind::Multiboot, Regs { rax: entry.eax.into(), rbx: entry.ebx.into(), ..Regs::default() })
+            }
+            Guest::Linux { kernel, initrd, cmdline } => {
+                if !self.host.caps.has_unrestricted_guest() {
+                    return Err("Linux is entered at its 32-bit entry with paging off: the CPU lacks the VMX feature \"unrestricted guest\"".into());
+                }
+                if self.host.tsc_hz == 0 {
+                    return Err("the host TSC rate is unknown (no PIT answered and CPUID has no 0x15/0x16): Linux could not keep time".into());
+                }
+                pm.add_slot(id, 0, new.mem, true).map_err(|e| format!("memory slot: {e:?}"))?;
+                let spec = linux::Spec { kernel, initrd: *initrd, cmdline, mem_size: new.mem };
+                let entry = linux::load(&spec, &mut |gpa, bytes| pm.write_gpa(id, gpa, bytes).map_err(|_| ()))
+                    .map_err(|e| format!("{e}"))?;
+                let start = vmcs::Start::Protected32 { eip: entry.eip, gdt: (entry.gdt_base, entry.gdt_limit) };
+                (start, Kind::Linux, Regs { rsi: entry.esi.into(), ..Regs::default() })
             }
         };
         let mmu = pm.mmu(id).map_err(|e| format!("{e:?}"))?;
@@ -321,9 +344,14 @@ impl Hypervisor {
         if kind == (Kind::Program { scenario: scenario::BAD_VMCS }) {
             vmcs::set(x86::vmx::vmcs::control::CR3_TARGET_COUNT, 99);
         }
-        let platform = Platform::new(&PlatformConfig { ram_size: new.mem, cpus: 1, lapic: kind == Kind::Multiboot });
+        let platform = Platform::new(&PlatformConfig {
+            ram_size: new.mem,
+            cpus: 1,
+            lapic: kind.unmodified(),
+            tsc_hz: self.host.tsc_hz,
+        });
         let mut vm = Vm::new(name.into(), new.label.clone(), kind, id, vcpu, platform);
-        (vm.vcpu.regs.rdi, vm.vcpu.regs.rax, vm.vcpu.regs.rbx) = regs;
+        vm.vcpu.regs = regs;
         log::info!(
             "{} ({}): created: {}, {} MiB, entry {:#x}, EPTP {:#x} (A/D {}), VPID {}",
             vm.name, vm.label, kind.name(), new.mem >> 20, rip, eptp,
@@ -405,7 +433,7 @@ impl Hypervisor {
     fn idle(&mut self) {
         let deadline = |vm: &Vm| {
             let host_deadline = |t: u64| t.wrapping_sub(vm.vcpu.tsc_offset);
-            vm.platform.lapic.as_ref().and_then(|l| l.next_deadline()).map(host_deadline)
+            exits::interrupts::next_deadline(vm).map(host_deadline)
         };
         let soonest = self.vms.iter().filter(|vm| vm.end.is_none()).filter_map(deadline).min();
         match soonest {
@@ -442,7 +470,7 @@ impl Hypervisor {
         run_slice(vm, &mut self.host, t0);
         vm.cpu_ticks += crate::vcpu::rdtsc() - t0;
         vm.vcpu.switch_out(&self.host.cpu);
-        let max = if vm.kind == Kind::Multiboot { MAX_SLICES_FILE_VM } else { MAX_SLICES };
+        let max = if vm.kind.unmodified() { MAX_SLICES_FILE_VM } else { MAX_SLICES };
         if vm.end.is_none() && vm.slices > max {
             vm.stop(Cause::Unhandled(format!("still running after {max} time slices")));
         }
@@ -468,6 +496,7 @@ impl Hypervisor {
             let mut ended = match &vm.end {
                 Some(End::Exited(code)) => format!("exited with code {code}"),
                 Some(End::DebugExit(status)) => format!("debug-exit status {status}"),
+                Some(End::Reset) => "reset (reboot)".into(),
                 Some(End::Stopped(cause)) => format!("stopped: {cause}"),
                 None => "still running".into(),
             };
@@ -543,6 +572,7 @@ fn announce_end(vm: &mut Vm) {
     let how = match &vm.end {
         Some(End::Exited(code)) => format!("exited={code}"),
         Some(End::DebugExit(status)) => format!("debug-exit={status}"),
+        Some(End::Reset) => "reset".into(),
         Some(End::Stopped(cause)) => format!("stopped: {cause}"),
         None => return,
     };

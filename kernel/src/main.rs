@@ -19,6 +19,7 @@ mod memory;
 mod power;
 mod serial;
 mod summary;
+mod tsc;
 mod vcpu;
 mod vmx;
 
@@ -109,7 +110,17 @@ fn run_guests(bundle: &Bundle, options: &Options, frames: hvcore::frame::FrameAl
         return ExitCode::Failure;
     };
     let mode = if options.linux_zap { NotifierMode::LinuxZap } else { NotifierMode::ChangePte };
-    let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share, options.oom_test);
+    let tsc_hz = match tsc::measure() {
+        Some((hz, source)) => {
+            log::info!("tsc: {}.{:03} MHz ({source:?})", hz / 1_000_000, hz / 1000 % 1000);
+            hz
+        }
+        None => {
+            log::warn!("tsc: rate unknown (no PIT, no CPUID 0x15/0x16): Linux guests are refused");
+            0
+        }
+    };
+    let mut hv = hypervisor::Hypervisor::new(&vmx, frames, mode, options.share, options.oom_test, tsc_hz);
     let manifest = match bundle.file("vms").map(core::str::from_utf8) {
         None => Vec::new(),
         Some(Ok(text)) => match hvcore::manifest::parse(text) {
@@ -181,6 +192,17 @@ fn vm_from_manifest<'a>(bundle: &Bundle<'a>, elf: &'a [u8], e: &'a hvcore::manif
         M::Program { scenario: name } => {
             let scn = scenario::from_name(name).ok_or_else(|| alloc::format!("no guest scenario named '{name}'"))?;
             Guest::Program { elf, scenario: scn }
+        }
+        M::File if hvcore::loader::linux::is_bzimage(file(&e.kernel)?) => {
+            // The first module is its initramfs (the runner's --initrd).
+            let initrd = match e.modules.first() {
+                Some(m) => Some(file(&m.path)?),
+                None => None,
+            };
+            if e.modules.len() > 1 {
+                return Err(alloc::format!("a Linux kernel takes one initramfs, not {} modules", e.modules.len()));
+            }
+            Guest::Linux { kernel: file(&e.kernel)?, initrd, cmdline: &e.cmdline }
         }
         M::File => {
             let kernel = file(&e.kernel)?;

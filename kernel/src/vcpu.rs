@@ -134,6 +134,9 @@ pub struct Vcpu {
     pub tsc_offset: u64,
     /// IA32_MISC_ENABLE (`hvcore::msrs`).
     pub misc_enable: u64,
+    /// IA32_TSC_ADJUST (SDM Vol. 3B 18.17.3): what the guest added to its
+    /// TSC with writes to IA32_TSC or to this MSR.
+    pub tsc_adjust: u64,
 }
 
 /// The TPR's byte in the virtual-APIC page (SDM Vol. 3C 30.1.1).
@@ -238,6 +241,7 @@ impl Vcpu {
             vapic: Page::zeroed(),
             tsc_offset: 0,
             misc_enable: hvcore::msrs::MISC_ENABLE_RESET,
+            tsc_adjust: 0,
         }
     }
 

@@ -33,6 +33,10 @@ pub enum End {
     Exited(u64),
     /// The guest wrote this status to the isa-debug-exit port (0xf4).
     DebugExit(u32),
+    /// The guest asked the platform to reset it (the keyboard
+    /// controller's reset line, or 0xcf9): as with QEMU's `-no-reboot`,
+    /// the VM ends.
+    Reset,
     /// The hypervisor stopped it: the cause, for the log.
     Stopped(Cause),
 }
@@ -82,6 +86,8 @@ pub enum Kind {
     Program { scenario: u8 },
     /// An unmodified multiboot kernel from a file.
     Multiboot,
+    /// An unmodified Linux kernel (bzImage) from a file, with its initramfs.
+    Linux,
 }
 
 impl Kind {
@@ -89,7 +95,14 @@ impl Kind {
         match self {
             Kind::Program { .. } => "program",
             Kind::Multiboot => "multiboot",
+            Kind::Linux => "linux",
         }
+    }
+
+    /// An unmodified guest from a file: it has the virtual PC and a
+    /// console, and ends through the isa-debug-exit port.
+    pub fn unmodified(self) -> bool {
+        !matches!(self, Kind::Program { .. })
     }
 }
 
@@ -157,7 +170,7 @@ impl Vm {
             cpu_ticks: 0,
             log_bucket: match kind {
                 Kind::Program { .. } => TokenBucket::new(LOG_BURST, LOG_TICKS_PER_LINE),
-                Kind::Multiboot => TokenBucket::new(CONSOLE_LOG_BURST, CONSOLE_LOG_TICKS_PER_LINE),
+                Kind::Multiboot | Kind::Linux => TokenBucket::new(CONSOLE_LOG_BURST, CONSOLE_LOG_TICKS_PER_LINE),
             },
             exception_loop: ExceptionLoop::default(),
             end: None,

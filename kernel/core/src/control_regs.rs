@@ -557,7 +557,7 @@ mod tests {
     #[test]
     fn cr4_allowed_from_the_guest_view_never_has_the_forbidden_bits() {
         let host = |_: u32, _: u32| Regs { eax: !0, ebx: !0, ecx: !0, edx: !0 };
-        let view = GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: xcr0_allowed(&host), rdtscp: true, invpcid: true, lapic: false, apic_enabled: false };
+        let view = GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: xcr0_allowed(&host), rdtscp: true, invpcid: true, lapic: false, apic_enabled: false, tsc_hz: 0, xcr0: 0 };
         let allowed = cr4_allowed(&|l, s| guest_cpuid(l, s, &host, &view));
         assert_eq!(allowed, CR4_OK); // MCE is hidden from guests, so CR4.MCE too
         let none = cr4_allowed(&|l, s| guest_cpuid(l, s, &host, &GuestView::default()));
@@ -577,7 +577,7 @@ mod tests {
                 if l == 0 { Regs { eax: top, ..r } } else { r }
             };
             let allowed_x = xcr0_allowed(&host);
-            let view = GuestView { cr4_osxsave: true, cr4_pke: pke, xcr0_allowed: allowed_x, rdtscp: true, invpcid: true, lapic: false, apic_enabled: false };
+            let view = GuestView { cr4_osxsave: true, cr4_pke: pke, xcr0_allowed: allowed_x, rdtscp: true, invpcid: true, lapic: false, apic_enabled: false, tsc_hz: 0, xcr0: 0 };
             let allowed = cr4_allowed(&|l, s| guest_cpuid(l, s, &host, &view));
             let never = CR4_VMXE | CR4_SMXE | CR4_LA57 | CR4_KL | CR4_CET | CR4_PKS | CR4_UINTR | CR4_MCE | !0xff_ffff;
             prop_assert_eq!(allowed & never, 0);

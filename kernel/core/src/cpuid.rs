@@ -88,7 +88,26 @@ pub struct GuestView {
     /// (a CPU clears the bit while its APIC is globally disabled, SDM
     /// Vol. 3A 11.4.3).
     pub apic_enabled: bool,
+    /// The guest TSC's rate in Hz, which the hypervisor measured; 0 if it
+    /// did not (leaves 0x15 and 0x16 are then the host's). With it, leaf
+    /// 0x15 says a crystal of that rate at a TSC/crystal ratio of 1 (so the
+    /// APIC timer, which counts TSC ticks, runs at the crystal rate as the
+    /// SDM's Table 20-91 footnote says it does on these CPUs) and leaf 0x16
+    /// gives it as the base frequency: a guest learns the rate without
+    /// calibrating against a timer (Linux: native_calibrate_tsc).
+    pub tsc_hz: u64,
+    /// The guest's XCR0 now (0 reads as the reset value, x87 only): the
+    /// XSAVE area sizes of leaf 0xD subleaves 0 and 1 are for it.
+    pub xcr0: u64,
 }
+
+/// CPUID.(7,0):EBX[1]: IA32_TSC_ADJUST exists.
+pub const LEAF7_EBX_TSC_ADJUST: u32 = 1 << 1;
+
+/// The leaf that gives the TSC and crystal frequencies, and the one that
+/// gives the processor frequencies (SDM Vol. 2A, CPUID).
+pub const TSC_LEAF: u32 = 0x15;
+pub const FREQUENCY_LEAF: u32 = 0x16;
 
 /// What, besides the host having it, a whitelisted bit needs to be shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +195,7 @@ const LEAF1_EDX: &[Bit] = &[
 
 const LEAF7_EBX: &[Bit] = &[
     Host(0, Always),  // FSGSBASE
+    Set(1, Always),   // IA32_TSC_ADJUST: the hypervisor has it for every VM
     Host(3, Always),  // BMI1
     Host(4, Always),  // HLE
     Host(5, Avx),     // AVX2
@@ -372,11 +392,31 @@ pub fn xsave_area_size(host: &dyn Fn(u32, u32) -> Regs, xcr0: u64) -> u32 {
         .fold(XSAVE_LEGACY_AND_HEADER, max)
 }
 
+/// The size of the compacted XSAVE area (XSAVEC/XSAVES) for the components
+/// of `xcr0`: the legacy region and header, then each component in order,
+/// at the next 64-byte boundary if CPUID.(0xD,i):ECX[1] says it is aligned
+/// (SDM Vol. 1 13.4.3).
+pub fn xsave_compacted_size(host: &dyn Fn(u32, u32) -> Regs, xcr0: u64) -> u32 {
+    (2..64u32).filter(|&i| xcr0 >> i & 1 != 0).fold(XSAVE_LEGACY_AND_HEADER, |end, i| {
+        let r = host(0xD, i);
+        let start = if r.ecx & 2 != 0 { end.saturating_add(63) & !63 } else { end };
+        start.saturating_add(r.eax)
+    })
+}
+
+/// The guest's XCR0 now, within what it may set (x87 is always on).
+fn current_xcr0(view: &GuestView, allowed: u64) -> u64 {
+    (view.xcr0 | XCR0_X87) & allowed
+}
+
 /// The guest's CPUID for (leaf, subleaf); `host` executes the real CPUID.
 pub fn guest_cpuid(leaf: u32, subleaf: u32, host: &dyn Fn(u32, u32) -> Regs, view: &GuestView) -> Regs {
     match leaf {
         0..=MAX_BASIC_LEAF => {
-            let top = host(0, 0);
+            let mut top = host(0, 0);
+            if view.tsc_hz != 0 {
+                top.eax = top.eax.max(FREQUENCY_LEAF);
+            }
             if leaf > top.eax {
                 return Regs::default();
             }
@@ -410,8 +450,12 @@ fn basic(leaf: u32, subleaf: u32, top: Regs, host: &dyn Fn(u32, u32) -> Regs, vi
                 edx: s.word(r.edx, LEAF1_EDX),
             }
         }
+        TSC_LEAF | FREQUENCY_LEAF if view.tsc_hz != 0 => tsc_frequencies(leaf, view.tsc_hz),
+        // Leaves past the host's own highest that only the TSC leaves
+        // brought into range.
+        _ if leaf > host(0, 0).eax => Regs::default(),
         // Cache and TLB descriptors; TSC/crystal ratio; frequencies.
-        2 | 0x15 | 0x16 => host(leaf, subleaf),
+        2 | TSC_LEAF | FREQUENCY_LEAF => host(leaf, subleaf),
         4 => {
             let r = host(4, subleaf);
             Regs { eax: r.eax & LEAF4_EAX_KEEP, ..r }
@@ -419,6 +463,20 @@ fn basic(leaf: u32, subleaf: u32, top: Regs, host: &dyn Fn(u32, u32) -> Regs, vi
         7 => leaf7(subleaf, host, view),
         0xD => leaf_d(subleaf, host, view),
         _ => Regs::default(),
+    }
+}
+
+/// Leaves 0x15 and 0x16 for a TSC of `hz`. Leaf 0x15: EAX/EBX the
+/// TSC/crystal ratio, ECX the crystal in Hz; a rate past ECX's 32 bits is
+/// given as a crystal of a whole fraction of it. Leaf 0x16: base, maximum
+/// and bus (reference) frequency in MHz, 16 bits each.
+fn tsc_frequencies(leaf: u32, hz: u64) -> Regs {
+    let ratio = hz.div_ceil(u64::from(u32::MAX)).max(1);
+    let mhz = (hz / 1_000_000).min(0xffff) as u32;
+    if leaf == TSC_LEAF {
+        Regs { eax: 1, ebx: ratio as u32, ecx: (hz / ratio) as u32, edx: 0 }
+    } else {
+        Regs { eax: mhz, ebx: mhz, ecx: (hz / ratio / 1_000_000).min(0xffff) as u32, edx: 0 }
     }
 }
 
@@ -447,14 +505,19 @@ fn leaf_d(subleaf: u32, host: &dyn Fn(u32, u32) -> Regs, view: &GuestView) -> Re
         return Regs::default(); // XSAVE is hidden
     }
     match subleaf {
-        // EBX: the size for the XCR0 loaded now (the guest's, while the
-        // kernel runs CPUID for it); ECX: the size for all allowed.
-        0 => Regs { eax: xcr0 as u32, ebx: host(0xD, 0).ebx, ecx: xsave_area_size(host, xcr0), edx: 0 },
-        // EBX: compacted size for XCR0 | IA32_XSS (0); ECX, EDX: no IA32_XSS bits.
+        // EBX: the size for the guest's XCR0 now; ECX: the size for all
+        // allowed.
+        0 => Regs { eax: xcr0 as u32, ebx: xsave_area_size(host, current_xcr0(view, xcr0)), ecx: xsave_area_size(host, xcr0), edx: 0 },
+        // EBX: the compacted size for XCR0 | IA32_XSS (no IA32_XSS bits
+        // are shown, so XCR0), computed: Bochs 2.7 gives the standard
+        // size there, which Linux takes for its XSAVES buffer and then
+        // finds inconsistent ("XSAVE consistency problem"), disabling
+        // XSAVE. ECX, EDX: no IA32_XSS bits.
         1 => {
             let r = host(0xD, 1);
             let s = Shown::new(xcr0, view);
-            Regs { eax: s.word(r.eax, LEAFD_1_EAX), ebx: r.ebx, ..Regs::default() }
+            let ebx = xsave_compacted_size(host, current_xcr0(view, xcr0));
+            Regs { eax: s.word(r.eax, LEAFD_1_EAX), ebx, ..Regs::default() }
         }
         i if xcr0.checked_shr(i).unwrap_or(0) & 1 != 0 => host(0xD, i),
         _ => Regs::default(),
@@ -525,7 +588,7 @@ mod tests {
         }
         /// Everything the kernel can turn on, turned on.
         fn full_view(&self) -> GuestView {
-            GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: self.allowed(), rdtscp: true, invpcid: true, lapic: false, apic_enabled: false }
+            GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: self.allowed(), rdtscp: true, invpcid: true, lapic: false, apic_enabled: false, tsc_hz: 0, xcr0: 0 }
         }
     }
 
@@ -633,7 +696,7 @@ mod tests {
     }
 
     fn all_view() -> GuestView {
-        GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: u64::MAX, rdtscp: true, invpcid: true, lapic: false, apic_enabled: false }
+        GuestView { cr4_osxsave: true, cr4_pke: true, xcr0_allowed: u64::MAX, rdtscp: true, invpcid: true, lapic: false, apic_enabled: false, tsc_hz: 0, xcr0: 0 }
     }
 
     // The whitelists as the issue lists them, written out again here so the
@@ -641,7 +704,7 @@ mod tests {
     const AVX_BITS_1_ECX: &[u32] = &[12, 28, 29];
     const WL_1_ECX: &[u32] = &[0, 1, 9, 12, 13, 17, 19, 20, 22, 23, 25, 26, 27, 28, 29, 30, 31];
     const WL_1_EDX: &[u32] = &[0, 1, 2, 3, 4, 5, 6, 8, 11, 13, 15, 16, 17, 19, 23, 24, 25, 26];
-    const WL_7_EBX: &[u32] = &[0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 16, 17, 18, 19, 20, 21, 23, 24, 28, 29, 30, 31];
+    const WL_7_EBX: &[u32] = &[0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 16, 17, 18, 19, 20, 21, 23, 24, 28, 29, 30, 31];
     const AVX512_7_EBX: &[u32] = &[16, 17, 21, 28, 30, 31];
     const WL_7_ECX: &[u32] = &[1, 2, 3, 4, 6, 8, 9, 10, 11, 12, 14, 22, 25, 27, 28];
     const AVX512_7_ECX: &[u32] = &[1, 6, 11, 12, 14];
@@ -656,8 +719,11 @@ mod tests {
         assert_eq!(l1, regs(u32::MAX, 0x0001_ffff, bits(WL_1_ECX), bits(WL_1_EDX)));
         assert_eq!(g_all(7, 0, &v), regs(1, bits(WL_7_EBX), bits(WL_7_ECX), bits(WL_7_EDX)));
         assert_eq!(g_all(7, 1, &v), regs(bits(&[4, 5]), 0, 0, 0));
-        assert_eq!(g_all(0xd, 0, &v), regs(0x2e7, u32::MAX, u32::MAX, 0));
-        assert_eq!(g_all(0xd, 1, &v), regs(0b111, u32::MAX, 0, 0));
+        assert_eq!(g_all(0xd, 0, &v), regs(0x2e7, 576, u32::MAX, 0), "the sizes of XCR0 = x87");
+        assert_eq!(g_all(0xd, 1, &v), regs(0b111, 576, 0, 0));
+        let all_on = GuestView { xcr0: u64::MAX, ..v };
+        assert_eq!(g_all(0xd, 0, &all_on), regs(0x2e7, u32::MAX, u32::MAX, 0));
+        assert_eq!(g_all(0xd, 1, &all_on), regs(0b111, u32::MAX, 0, 0));
         assert_eq!(g_all(4, 0, &v), regs(0x3fff, u32::MAX, u32::MAX, u32::MAX));
         assert_eq!(g_all(EXT_LEAF_BASE, 0, &v), regs(MAX_EXT_LEAF, 0, 0, 0));
         assert_eq!(g_all(0x8000_0001, 0, &v), regs(0, 0, bits(&[0, 5, 8]), bits(&[11, 20, 26, 27, 29])));
@@ -701,7 +767,7 @@ mod tests {
         let cpu = skylake_x().with(0x8000_0001, 0, regs(0, 0, 0x121, 0x2010_0800)).with(7, 0, regs(0, 1, 0, 0));
         let v = cpu.full_view();
         assert_eq!(cpu.g(0x8000_0001, 0, &v).edx & 1 << 27, 0);
-        assert_eq!(cpu.g(7, 0, &v).ebx, 1);
+        assert_eq!(cpu.g(7, 0, &v).ebx, 1 | LEAF7_EBX_TSC_ADJUST);
     }
 
     #[test]
@@ -809,8 +875,9 @@ mod tests {
             // MCE, APIC, MTRR, MCA, PSN, DS, ACPI, SS, HTT, TM, PBE.
             assert_eq!(l1.edx & bits(&[7, 9, 12, 14, 18, 21, 22, 27, 28, 29, 31]), 0);
             let l7 = cpu.g(7, 0, &v);
-            // TSC_ADJUST, MPX, RDT, PT: hidden; speculation controls; LA57, PKS, CET, WAITPKG.
-            assert_eq!(l7.ebx & bits(&[1, 2, 12, 14, 15, 25]), 0);
+            // MPX, RDT, PT: hidden; speculation controls; LA57, PKS, CET, WAITPKG.
+            assert_eq!(l7.ebx & bits(&[2, 12, 14, 15, 25]), 0);
+            assert_ne!(l7.ebx & LEAF7_EBX_TSC_ADJUST, 0, "emulated, whatever the host has");
             assert_eq!(l7.ecx & bits(&[5, 7, 13, 16, 23, 24, 29, 30, 31]), 0);
             assert_eq!(l7.edx & (0xfc00_0000 | bits(&[5, 15, 16, 18, 19, 20, 22, 24, 25])), 0);
             assert_eq!(cpu.g(0xd, 1, &v).eax & bits(&[3, 4]), 0); // XSAVES, XFD
@@ -874,6 +941,36 @@ mod tests {
         assert_eq!(low.g(1, 0, &v).ecx & LEAF1_ECX_XSAVE, 0);
     }
 
+    /// Linux's native_calibrate_tsc / cpu_khz_from_cpuid (arch/x86/kernel/
+    /// tsc.c): tsc_khz = ECX / 1000 * EBX / EAX of leaf 0x15, cpu_khz =
+    /// leaf 0x16 EAX * 1000; both need leaf 0 to reach them.
+    #[test]
+    fn tsc_leaves_give_the_measured_rate() {
+        let (vb, vc, vd) = GENUINE_INTEL;
+        let linux_khz = |cpu: &Cpu, v: &GuestView| {
+            let l15 = cpu.g(TSC_LEAF, 0, v);
+            (u64::from(l15.ecx) / 1000 * u64::from(l15.ebx) / u64::from(l15.eax), cpu.g(FREQUENCY_LEAF, 0, v).eax)
+        };
+        for cpu in [xeon(), skylake_x(), xeon().with(0, 0, regs(0xd, vb, vc, vd))] {
+            let v = GuestView { tsc_hz: 50_000_000, ..cpu.full_view() };
+            assert!(cpu.g(0, 0, &v).eax >= FREQUENCY_LEAF);
+            assert_eq!(cpu.g(TSC_LEAF, 0, &v), regs(1, 1, 50_000_000, 0), "the crystal is the TSC");
+            assert_eq!(cpu.g(FREQUENCY_LEAF, 0, &v), regs(50, 50, 50, 0));
+            assert_eq!(linux_khz(&cpu, &v), (50_000, 50));
+            let v = GuestView { tsc_hz: 2_903_998_000, ..v };
+            assert_eq!(linux_khz(&cpu, &v), (2_903_998, 2903));
+        }
+        // Leaves between the host's top and 0x15 stay empty.
+        let low = xeon().with(0, 0, regs(0xd, vb, vc, vd)).with(0x14, 0, regs(1, 2, 3, 4));
+        let v = GuestView { tsc_hz: 50_000_000, ..low.full_view() };
+        assert_eq!(low.g(0x14, 0, &v), Regs::default());
+        assert_eq!(low.g(0x17, 0, &v), Regs::default());
+        // A TSC past 2^32 Hz: a crystal of half of it, twice over.
+        let v = GuestView { tsc_hz: 5_000_000_000, ..v };
+        assert_eq!(low.g(TSC_LEAF, 0, &v), regs(1, 2, 2_500_000_000, 0));
+        assert_eq!(low.g(FREQUENCY_LEAF, 0, &v), regs(5000, 5000, 2500, 0));
+    }
+
     #[test]
     fn leaves_that_pass_and_leaves_that_read_0() {
         let cpu = xeon();
@@ -920,16 +1017,27 @@ mod tests {
         assert_eq!(one.g(7, 1, &one.full_view()), regs(bits(&[4, 5]), 0, 0, 0));
         // Its leaf 7.0, as shown.
         let l7 = sky.g(7, 0, &sky.full_view());
-        assert_eq!(l7.ebx, bits(&[0, 3, 4, 5, 7, 8, 9, 10, 11, 13, 16, 17, 18, 19, 20, 23, 24, 28, 30, 31]));
+        assert_eq!(l7.ebx, bits(&[0, 1, 3, 4, 5, 7, 8, 9, 10, 11, 13, 16, 17, 18, 19, 20, 23, 24, 28, 30, 31]));
         assert_eq!((l7.ecx, l7.edx), (0, 0));
     }
 
     #[test]
     fn leaf_d_describes_the_allowed_xcr0() {
         let cpu = xeon();
-        let v = cpu.full_view();
-        assert_eq!(cpu.g(0xd, 0, &v), regs(0x2e7, 0x340, 2696, 0));
-        assert_eq!(cpu.g(0xd, 1, &v), regs(0b111, 0x2f8, 0, 0));
+        let v = GuestView { xcr0: 0x7, ..cpu.full_view() };
+        assert_eq!(cpu.g(0xd, 0, &v), regs(0x2e7, 832, 2696, 0));
+        assert_eq!(cpu.g(0xd, 1, &v), regs(0b111, 832, 0, 0));
+        // Linux's check (fpu/xstate.c paranoid_xstate_size_valid): with
+        // XSAVES its buffer is subleaf 1's EBX, which must be the compacted
+        // sum of the components, not the standard layout's end (2688).
+        let avx512 = GuestView { xcr0: 0xe7, ..v };
+        assert_eq!(cpu.g(0xd, 0, &avx512).ebx, 2688);
+        assert_eq!(cpu.g(0xd, 1, &avx512).ebx, 576 + 256 + 64 + 512 + 1024);
+        let pkru = GuestView { xcr0: 0x2e7, ..v };
+        assert_eq!((cpu.g(0xd, 0, &pkru).ebx, cpu.g(0xd, 1, &pkru).ebx), (2696, 2440));
+        // A bit the guest may not set does not count.
+        let too_much = GuestView { xcr0: 0x6_0007, ..v };
+        assert_eq!((cpu.g(0xd, 0, &too_much).ebx, cpu.g(0xd, 1, &too_much).ebx), (832, 832));
         for i in [2, 5, 6, 7, 9] {
             assert_eq!(cpu.g(0xd, i, &v), cpu.get(0xd, i), "0xD.{i}");
         }
@@ -972,6 +1080,21 @@ mod tests {
         assert_eq!(no_xsave.allowed(), 0);
         assert_eq!(skylake_x().with(0, 0, regs(0xc, vb, vc, vd)).allowed(), 0);
         assert_eq!(skylake_x().with(0, 0, regs(0xd, vb, vc, vd)).allowed(), 0xe7);
+    }
+
+    #[test]
+    fn compacted_size_packs_components_and_aligns_where_asked() {
+        let host = |_: u32, i: u32| match i {
+            2 => regs(100, 576, 0, 0),
+            3 => regs(8, 0, 0b10, 0), // 64-byte aligned
+            4 => regs(20, 0, 0, 0),
+            _ => regs(0, 0, 0, 0),
+        };
+        assert_eq!(xsave_compacted_size(&host, 0b11), 576);
+        assert_eq!(xsave_compacted_size(&host, 0b111), 676);
+        assert_eq!(xsave_compacted_size(&host, 0b1111), 704 + 8);
+        assert_eq!(xsave_compacted_size(&host, 0b11011), 576 + 8 + 20, "576 is aligned already");
+        assert_eq!(xsave_compacted_size(&everything, 1 << 63), u32::MAX);
     }
 
     #[test]
@@ -1095,7 +1218,7 @@ mod tests {
             leaf in any::<u32>(), subleaf in any::<u32>(),
         ) {
             let host = random_host(seed, top, ext_top);
-            let view = GuestView { cr4_osxsave: osxsave, cr4_pke: pke, xcr0_allowed: xcr0, rdtscp, invpcid, lapic: false, apic_enabled: false };
+            let view = GuestView { cr4_osxsave: osxsave, cr4_pke: pke, xcr0_allowed: xcr0, rdtscp, invpcid, lapic: false, apic_enabled: false, tsc_hz: 0, xcr0: 0 };
             let g = |l: u32, s: u32| guest_cpuid(l, s, &host, &view);
             let allowed = xcr0_allowed(&host);
             prop_assert_eq!(allowed & !XCR0_SUPPORTED, 0);
@@ -1119,7 +1242,7 @@ mod tests {
             } else {
                 prop_assert_eq!(l1, Regs::default());
             }
-            sub(7, h7.ebx, l7.ebx, 0, WL_7_EBX)?;
+            sub(7, h7.ebx, l7.ebx, LEAF7_EBX_TSC_ADJUST, WL_7_EBX)?;
             sub(7, h7.ecx, l7.ecx, LEAF7_ECX_OSPKE, WL_7_ECX)?;
             sub(7, h7.edx, l7.edx, 0, WL_7_EDX)?;
             sub(7, host(7, 1).eax, g(7, 1).eax, 0, &[4, 5])?;

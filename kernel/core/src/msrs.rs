@@ -11,6 +11,15 @@ pub const IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const IA32_MCG_CAP: u32 = 0x179;
 pub const IA32_MCG_STATUS: u32 = 0x17a;
 
+/// IA32_BIOS_SIGN_ID (0x8B), the microcode update signature: after a
+/// WRMSR of 0 and a CPUID(1), bits 63:32 hold the revision loaded. A
+/// virtual CPU has none to load; it reads revision 1, as under KVM, and
+/// writes are accepted and change nothing (the guest cannot load
+/// microcode: IA32_BIOS_UPDT_TRIG is not there). Linux writes and reads it
+/// at boot with unchecked accesses (early_init_intel).
+pub const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+pub const MICROCODE_REVISION: u64 = 1 << 32;
+
 /// Bits of MISC_ENABLE the guest may change: fast strings (0), automatic
 /// thermal control (3), EIST (16), MONITOR/MWAIT enable (18), limit CPUID
 /// maxval (22), xTPR disable (23), XD disable (34). Read-only: performance

@@ -8,7 +8,10 @@ use hvcore::cpuid::guest_cpuid;
 
 pub fn handle(vm: &mut Vm, host: &Host) -> Next {
     let (leaf, subleaf) = (vm.vcpu.regs.rax as u32, vm.vcpu.regs.rcx as u32);
-    let view = host.guest_view(crate::exits::cr_access::guest_cr4(), vm.platform.lapic.as_ref());
+    let view = hvcore::cpuid::GuestView {
+        xcr0: vm.vcpu.xcr0,
+        ..host.guest_view(crate::exits::cr_access::guest_cr4(), vm.platform.lapic.as_ref())
+    };
     let g = guest_cpuid(leaf, subleaf, &crate::vcpu::host_cpuid, &view);
     let r = &mut vm.vcpu.regs;
     r.rax = g.eax as u64;

@@ -15,6 +15,8 @@ pub fn handle(vm: &mut Vm) -> Next {
         vm.stop(Cause::Unhandled(alloc::format!("string I/O (INS/OUTS) on port {:#x} is not emulated", q.port)));
         return Next::Ended;
     }
+    // The PIT counts in guest time: it reads what the guest would read now.
+    vm.platform.poll(crate::vcpu::guest_tsc(vm));
     if q.is_in {
         let value = vm.platform.io_read(q.port, q.size);
         vm.vcpu.regs.rax = merge_in(vm.vcpu.regs.rax, value as u64, q.size);
@@ -27,6 +29,10 @@ pub fn handle(vm: &mut Vm) -> Next {
         IoEffect::Line(line) => guest_log!(vm, info, "[{}] {}", vm.name, line),
         IoEffect::Exit(status) => {
             vm.end = Some(End::DebugExit(status));
+            return Next::Ended;
+        }
+        IoEffect::Reset => {
+            vm.end = Some(End::Reset);
             return Next::Ended;
         }
     }

@@ -12,6 +12,7 @@ use hvcore::msrs;
 use x86::vmx::vmcs::{control, guest};
 
 const IA32_TSC: u32 = 0x10;
+const IA32_TSC_ADJUST: u32 = 0x3b;
 const IA32_SYSENTER_CS: u32 = 0x174;
 const IA32_SYSENTER_ESP: u32 = 0x175;
 const IA32_SYSENTER_EIP: u32 = 0x176;
@@ -30,6 +31,7 @@ pub fn read(vm: &mut Vm) -> Next {
         None => match msr {
         // The guest's TSC is the host's plus its offset (SDM Vol. 3C 26.6.5).
         IA32_TSC => crate::vcpu::guest_tsc(vm),
+        IA32_TSC_ADJUST => vm.vcpu.tsc_adjust,
         // Without the virtual APIC: xAPIC at the default base, as after reset.
         hvcore::devices::lapic::MSR_APIC_BASE => APIC_BASE_DEFAULT,
         IA32_SYSENTER_CS => vmread(guest::IA32_SYSENTER_CS),
@@ -40,6 +42,7 @@ pub fn read(vm: &mut Vm) -> Next {
         IA32_FS_BASE => vmread(guest::FS_BASE),
         IA32_GS_BASE => vmread(guest::GS_BASE),
         msrs::IA32_MISC_ENABLE => vm.vcpu.misc_enable,
+        msrs::IA32_BIOS_SIGN_ID => msrs::MICROCODE_REVISION,
         _ => match msrs::mcg_read(msr) {
             Some(v) => v,
             None => return unknown(vm, "RDMSR", msr),
@@ -60,9 +63,18 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
         None => {}
     }
     let field = match msr {
+        // A write to the TSC moves TSC_ADJUST by the same amount, and a
+        // write to TSC_ADJUST moves the TSC (SDM Vol. 3B 18.17.3).
         IA32_TSC => {
-            vm.vcpu.tsc_offset = value.wrapping_sub(crate::vcpu::rdtsc());
-            vmset(control::TSC_OFFSET_FULL, vm.vcpu.tsc_offset);
+            let step = value.wrapping_sub(crate::vcpu::guest_tsc(vm));
+            vm.vcpu.tsc_adjust = vm.vcpu.tsc_adjust.wrapping_add(step);
+            set_tsc_offset(vm, vm.vcpu.tsc_offset.wrapping_add(step));
+            return skip_instruction(vm);
+        }
+        IA32_TSC_ADJUST => {
+            let step = value.wrapping_sub(vm.vcpu.tsc_adjust);
+            vm.vcpu.tsc_adjust = value;
+            set_tsc_offset(vm, vm.vcpu.tsc_offset.wrapping_add(step));
             return skip_instruction(vm);
         }
         IA32_EFER => {
@@ -84,6 +96,7 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
         IA32_GS_BASE => guest::GS_BASE,
         IA32_PAT if !valid_pat(value) => return inject_gp(),
         IA32_PAT => guest::IA32_PAT_FULL,
+        msrs::IA32_BIOS_SIGN_ID => return skip_instruction(vm),
         msrs::IA32_MISC_ENABLE => {
             let Ok(v) = msrs::misc_enable_write(vm.vcpu.misc_enable, value) else { return inject_gp() };
             vm.vcpu.misc_enable = v;
@@ -97,6 +110,11 @@ pub fn write(vm: &mut Vm, host: &Host) -> Next {
     };
     vmset(field, value);
     skip_instruction(vm)
+}
+
+fn set_tsc_offset(vm: &mut Vm, offset: u64) {
+    vm.vcpu.tsc_offset = offset;
+    vmset(control::TSC_OFFSET_FULL, offset);
 }
 
 /// A 48-bit canonical address (bits 63:47 all equal).

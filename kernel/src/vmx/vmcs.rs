@@ -95,8 +95,12 @@ pub enum Start<'a> {
     Long64(&'a BootState),
     /// A multiboot kernel: 32-bit protected mode with paging off, flat
     /// segments, EAX = the loader's magic, EBX = the info structure
-    /// (Multiboot 0.6.96, 3.2 "Machine state"). Needs unrestricted guest.
-    Protected32 { eip: u32 },
+    /// (Multiboot 0.6.96, 3.2 "Machine state"); or Linux's 32-bit entry,
+    /// the same with ESI = the zero page and a GDT that has the segments
+    /// the selectors name (boot.rst "32-bit boot protocol"). `gdt`: GDTR's
+    /// base and limit ((0, 0) for multiboot, which gives the guest none).
+    /// Needs unrestricted guest.
+    Protected32 { eip: u32, gdt: (u64, u16) },
 }
 
 pub struct Setup<'a> {
@@ -307,7 +311,7 @@ impl Setup<'_> {
                 tr: (b.tss_selector, b.tss_base, boot::TSS_LIMIT, boot::TSS_ACCESS_RIGHTS),
                 gdt: (b.gdt_base, b.gdt_limit),
             },
-            Start::Protected32 { eip } => Initial {
+            Start::Protected32 { eip, gdt } => Initial {
                 cr0: CR0_PE_ET,
                 cr3: 0,
                 cr4: 0,
@@ -317,7 +321,7 @@ impl Setup<'_> {
                 code: (0x10, 0xffff_ffff, CODE32_AR),
                 data: (0x18, 0xffff_ffff, DATA32_AR),
                 tr: (0, 0, 0xffff, TSS32_BUSY_AR),
-                gdt: (0, 0),
+                gdt,
             },
         }
     }
