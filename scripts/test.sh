@@ -321,6 +321,51 @@ if [ -f "$kut_dummy" ]; then
     vm_args=()
 fi
 
+# Linux guests (scripts/linux-guest.sh put Debian's cloud kernel and a
+# busybox initramfs in target/linux): three identical VMs run their init's
+# workload while the dedupe merges what they share, and a fourth, whose
+# init exits at once, panics and resets alone; the others finish. The
+# panicked VM is not as expected, so the run fails (status 1).
+linux_kernel=target/linux/vmlinuz
+linux_initrd=target/linux/initramfs.cpio.gz
+if [ -f "$linux_kernel" ] && [ -f "$linux_initrd" ]; then
+    linux_cmdline="console=ttyS0 quiet cryptomgr.notests hv.hold=5"
+    vm_args=()
+    for label in linux-a linux-b linux-c; do
+        vm_args+=(--vm "$linux_kernel" --initrd "$linux_initrd" --cmdline "$linux_cmdline" --label "$label")
+    done
+    vm_args+=(--vm "$linux_kernel" --initrd "$linux_initrd" --cmdline "$linux_cmdline hv.panic=1 panic=-1" --label linux-panic)
+    linux_t0=$(date +%s)
+    smoke linux bochs bios 1 1500 "" \
+        '^\[INFO \] vm0 \(linux-a\): created: linux, 128 MiB, entry 0x1000000' \
+        '^\[INFO \] vm3 \(linux-panic\): created: linux, 128 MiB' \
+        '^\[INFO \] vm0 +linux-a +linux +yes ' \
+        '^\[INFO \] vm1 +linux-b +linux +yes ' \
+        '^\[INFO \] vm2 +linux-c +linux +yes ' \
+        '^\[INFO \] vm3 +linux-panic +linux +NO .*reset \(reboot\)' \
+        '^\[INFO \] dedupe: pages_shared=[1-9][0-9]* pages_sharing=[1-9][0-9]* ' \
+        '^\[INFO \] notifier: .* warnings=0$' \
+        '^HV-EXIT: 0x11 failure'
+    echo "   the Linux boot took $(($(date +%s) - linux_t0)) s"
+    linux_log=target/runs/linux-bochs-bios/serial.log
+    for n in 0 1 2; do
+        check "linux: vm$n reached its init, ran its workload and ended cleanly" expect_in_order "$linux_log" \
+            "^\[INFO \] \[vm$n\] HV-LINUX: init started" \
+            "^\[INFO \] \[vm$n\] HV-LINUX: workload same=16MiB unique=4MiB same-md5=a5e7ace722514f074e0c7f6fd1520319 " \
+            "^\[INFO \] \[vm$n\] HV-LINUX: done" \
+            "^HV-VM: vm$n linux-[abc] debug-exit=0$"
+    done
+    check "linux: the broken init panics and its VM alone resets" expect_in_order "$linux_log" \
+        '^\[INFO \] \[vm3\] .*Kernel panic - not syncing: Attempted to kill init!' \
+        '^HV-VM: vm3 linux-panic reset$'
+    check "linux: no re-read of a merged page faulted" expect_all "$linux_log" \
+        '^\[INFO \] memory: ept_violations=[0-9]+ \(not_present=[0-9]+ refaults=0 '
+    vm_args=()
+else
+    skipped=$((skipped + 1))
+    echo "skipped: Linux guests ($linux_kernel or $linux_initrd missing: run bash scripts/linux-guest.sh)"
+fi
+
 # The negative test of the notifier contract: change_pte outside a bracket
 # once. Exactly one WARN line, the counter at 1, and every guest still fine.
 smoke warn-test bochs bios 0 120 "vms=hello,dedupe,dedupe warn-test=1" \

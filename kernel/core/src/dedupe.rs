@@ -55,6 +55,15 @@ pub enum SharingPolicy {
     Groups,
 }
 
+/// [`PageManager::vm_sharing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmSharing {
+    /// Pages mapped to a merged (non-zero) frame.
+    pub merged: u64,
+    /// Pages mapped to a zero frame.
+    pub zero: u64,
+}
+
 impl SharingPolicy {
     /// The sharing domain of a VM: pages merge only within one domain.
     pub(crate) fn domain(self, vm_index: u32, group: Option<u32>) -> Option<u32> {
@@ -547,6 +556,21 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         }
         s
+    }
+
+    /// A VM's part in the sharing: its pages mapped to a merged frame and
+    /// those mapped to a zero frame. (`pages_shared`/`pages_sharing` are
+    /// not per VM: one merged frame may serve several VMs.)
+    pub fn vm_sharing(&self, vm: crate::page_manager::VmId) -> Option<VmSharing> {
+        let v = self.vms.get(vm.0 as usize)?.as_ref()?;
+        let mut s = VmSharing::default();
+        for e in v.slots.iter().flat_map(|slot| &slot.pages).filter(|e| e.shared()) {
+            match self.ksm.stable.get(e.aux() as usize) {
+                Some(f) if f.zero() => s.zero += 1,
+                _ => s.merged += 1,
+            }
+        }
+        Some(s)
     }
 
     /// Checks the dedupe bookkeeping against the page map (for tests):

@@ -394,6 +394,8 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         } else if v.mmu.lookup(mem, gfn).is_some() {
             v.stats.write_protected += 1;
+        } else if e.shared() {
+            v.stats.refaults += 1;
         } else {
             v.stats.not_present += 1;
         }

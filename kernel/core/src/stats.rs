@@ -8,8 +8,14 @@ use crate::mmu_notifier::MmuStats;
 pub struct VmStats {
     /// Every call of `handle_ept_violation`.
     pub ept_violations: u64,
-    /// ... for a page with no translation (first touch, or zapped).
+    /// ... for a private page with no translation (first touch, or one
+    /// the hypervisor backed, or after a retry).
     pub not_present: u64,
+    /// ... for a merged page with no translation: the merge zapped it
+    /// (Linux's way, `NotifierMode::LinuxZap`) and the guest came back.
+    /// With change_pte installing the merged frame this stays 0: a re-read
+    /// of a merged page never exits.
+    pub refaults: u64,
     /// ... a write to a merged page (copy-on-write).
     pub write_shared: u64,
     /// ... a write to a private page that was write-protected (for a
@@ -41,6 +47,7 @@ impl VmStats {
     pub fn add(&mut self, o: &VmStats) {
         self.ept_violations += o.ept_violations;
         self.not_present += o.not_present;
+        self.refaults += o.refaults;
         self.write_shared += o.write_shared;
         self.write_protected += o.write_protected;
         self.outside += o.outside;

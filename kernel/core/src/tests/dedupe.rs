@@ -1,5 +1,5 @@
 use super::*;
-use crate::dedupe::SharingPolicy;
+use crate::dedupe::{SharingPolicy, VmSharing};
 use crate::page_manager::{Access, Outcome};
 use crate::phys::PhysMem;
 use crate::sim::SimGuest;
@@ -65,6 +65,8 @@ fn a_write_after_a_cross_vm_merge_never_shows_in_the_other_vm() {
     let mut gb = fill(&mut pm, b, &[0x11, 0x33]);
     scan_until_converged(&mut pm);
     assert_eq!(pm.backing_frame(a, gpa(0)), pm.backing_frame(b, gpa(0)));
+    let one = VmSharing { merged: 1, zero: 0 };
+    assert_eq!((pm.vm_sharing(a), pm.vm_sharing(b)), (Some(one), Some(one)));
     let shared = pm.backing_frame(a, gpa(0)).unwrap();
     let before = ga.violations;
     ga.write(&mut pm, gpa(0) + 10, b"A wrote this").unwrap();
@@ -109,6 +111,8 @@ fn zero_pages_share_one_zero_frame_without_a_cap() {
     assert_eq!(page_bytes(&pm, v, 3)[..3], [0, 9, 0]);
     assert_eq!(page_bytes(&pm, v, 4), [0; 4096]);
     assert_eq!(pm.ksm_stats().zero_pages, 7);
+    assert_eq!(pm.vm_sharing(v), Some(VmSharing { merged: 2, zero: 7 }));
+    assert_eq!(pm.vm_sharing(VmId(9)), None);
     pm.check_consistency().unwrap();
 }
 
@@ -271,6 +275,8 @@ fn rereads_after_merge(mode: NotifierMode) -> (u64, u64) {
         g.read(&mut pm, gpa(p), &mut b).unwrap();
     }
     assert!(flush.count() > 0);
+    let refaults = pm.vm_stats(v).unwrap().0.refaults;
+    assert_eq!(refaults, g.violations - before, "each fault on a re-read is counted as a refault");
     (g.violations - before, merged)
 }
 

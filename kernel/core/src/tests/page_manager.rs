@@ -396,6 +396,7 @@ fn vm_stats_add_sums_every_counter() {
     let one = VmStats {
         ept_violations: 1,
         not_present: 2,
+        refaults: 13,
         write_shared: 3,
         write_protected: 4,
         outside: 5,
@@ -412,6 +413,7 @@ fn vm_stats_add_sums_every_counter() {
     let twice = VmStats {
         ept_violations: 2,
         not_present: 4,
+        refaults: 26,
         write_shared: 6,
         write_protected: 8,
         outside: 10,
