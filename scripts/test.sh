@@ -324,8 +324,9 @@ fi
 # Linux guests (scripts/linux-guest.sh put Debian's cloud kernel and a
 # busybox initramfs in target/linux): three identical VMs run their init's
 # workload while the dedupe merges what they share, and a fourth, whose
-# init exits at once, panics and resets alone; the others finish. The
-# panicked VM is not as expected, so the run fails (status 1).
+# init exits at once, panics and resets alone; the others finish. A fifth
+# is too small for the kernel and is refused by name. The panicked VM is
+# not as expected, and a VM was refused, so the run fails (status 1).
 linux_kernel=target/linux/vmlinuz
 linux_initrd=target/linux/initramfs.cpio.gz
 if [ -f "$linux_kernel" ] && [ -f "$linux_initrd" ]; then
@@ -335,10 +336,13 @@ if [ -f "$linux_kernel" ] && [ -f "$linux_initrd" ]; then
         vm_args+=(--vm "$linux_kernel" --initrd "$linux_initrd" --cmdline "$linux_cmdline" --label "$label")
     done
     vm_args+=(--vm "$linux_kernel" --initrd "$linux_initrd" --cmdline "$linux_cmdline hv.panic=1 panic=-1" --label linux-panic)
+    # Debian's kernel needs 0x3378000 bytes (init_size) from 16 MiB: 48 MiB is too small.
+    vm_args+=(--vm "$linux_kernel" --initrd "$linux_initrd" --mem 48M --label linux-small)
     linux_t0=$(date +%s)
     smoke linux bochs bios 1 1500 "" \
         '^\[INFO \] vm0 \(linux-a\): created: linux, 128 MiB, entry 0x1000000' \
         '^\[INFO \] vm3 \(linux-panic\): created: linux, 128 MiB' \
+        '^\[ERROR\] vm4 \(linux-small\): refused: linux: kernel loaded at 0x1000000 needs memory up to 0x[0-9a-f]+ \(init_size\), the VM has 0x3000000$' \
         '^\[INFO \] vm0 +linux-a +linux +yes ' \
         '^\[INFO \] vm1 +linux-b +linux +yes ' \
         '^\[INFO \] vm2 +linux-c +linux +yes ' \

@@ -96,8 +96,8 @@ pub struct GuestView {
     /// gives it as the base frequency: a guest learns the rate without
     /// calibrating against a timer (Linux: native_calibrate_tsc).
     pub tsc_hz: u64,
-    /// The guest's XCR0 now (0 reads as the reset value, x87 only): the
-    /// XSAVE area sizes of leaf 0xD subleaves 0 and 1 are for it.
+    /// The guest's XCR0 now: the XSAVE area sizes of leaf 0xD subleaves 0
+    /// and 1 are for it.
     pub xcr0: u64,
 }
 
@@ -404,9 +404,10 @@ pub fn xsave_compacted_size(host: &dyn Fn(u32, u32) -> Regs, xcr0: u64) -> u32 {
     })
 }
 
-/// The guest's XCR0 now, within what it may set (x87 is always on).
+/// The guest's XCR0 now, within what it may set (x87 and SSE, always in
+/// the legacy region, count for no size).
 fn current_xcr0(view: &GuestView, allowed: u64) -> u64 {
-    (view.xcr0 | XCR0_X87) & allowed
+    view.xcr0 & allowed
 }
 
 /// The guest's CPUID for (leaf, subleaf); `host` executes the real CPUID.
