@@ -304,7 +304,11 @@ impl Hypervisor {
                 pm.add_slot(id, 0, new.mem, true).map_err(|e| format!("memory slot: {e:?}"))?;
                 let spec = multiboot::Spec { kernel, name: file, args, modules, mem_size: new.mem };
                 let entry = multiboot::load(&spec, &mut |gpa, bytes| pm.write_gpa(id, gpa, bytes).map_err(|_| ()))
-                    .map_err(|e| format!("{e}"))?;
+                    .map_err(|e| match e {
+                        // The file was tried as a bzImage first (main.rs).
+                        multiboot::LoadError::NoHeader => format!("{e}, and it is no Linux bzImage either (no \"HdrS\" at 0x202)"),
+                        _ => format!("{e}"),
+                    })?;
                 (vmcs::Start::Protected32 { eip: entry.eip, gdt: (0, 0) }, Kind::Multiboot, Regs { rax: entry.eax.into(), rbx: entry.ebx.into(), ..Regs::default() })
             }
             Guest::Linux { kernel, initrd, cmdline } => {
@@ -616,8 +620,15 @@ fn run_slice(vm: &mut Vm, host: &mut Host, t0: u64, ticks: u64) {
         if used >= ticks {
             return;
         }
-        vmcs::set(guest::VMX_PREEMPTION_TIMER_VALUE, ((ticks - used) >> rate).max(1));
         exits::interrupts::deliver(vm);
+        // The preemption timer also stands in for the VM's own timers (as
+        // KVM's "hv timer" does for the APIC timer): it fires at the next
+        // APIC or PIT deadline, so an interrupt the guest waits for while it
+        // spins without exiting comes in time, not at the slice's end.
+        let now = crate::vcpu::guest_tsc(vm);
+        let timer = exits::interrupts::next_deadline(vm).and_then(|d| d.checked_sub(now)).filter(|&t| t > 0);
+        let wait = timer.map_or(ticks - used, |t| t.min(ticks - used));
+        vmcs::set(guest::VMX_PREEMPTION_TIMER_VALUE, (wait >> rate).max(1));
         // SAFETY: the VM's VMCS is current and fully set up.
         if unsafe { instructions::run(&mut vm.vcpu.regs, vm.vcpu.launched) }.is_err() {
             let err = vmcs::read(ro::VM_INSTRUCTION_ERROR) as u32;

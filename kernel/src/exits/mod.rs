@@ -78,7 +78,9 @@ pub fn handle(vm: &mut Vm, host: &mut Host) -> Next {
         // No PMU is shown: RDPMC faults as on a CPU without counters.
         reason::RDPMC => inject(Event::exception(GP, true), 0),
         reason::GETSEC => inject(Event::exception(UD, false), 0),
-        reason::PREEMPTION_TIMER => Next::Yield,
+        // The slice is up (the scheduler sees it) or the VM's timer is due
+        // (the next entry injects its interrupt).
+        reason::PREEMPTION_TIMER => Next::Resume,
         // The event that waited goes in at the next entry
         // (`interrupts::deliver`); the TPR dropped below a pending
         // interrupt's class: the same.
