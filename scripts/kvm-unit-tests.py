@@ -143,11 +143,13 @@ OURS_HAS_PC_TESTDEV = False
 # VM exit saves the blocking Bochs has) in every VM, until each runs an
 # IRET. eventinj sends itself an NMI right after its nested handler's IRET
 # and expects it at once; next to other VMs it can find the blocking back.
-# A real CPU loads the blocking from the VMCS on every entry (SDM Vol. 3C
-# 27.3.1.5), so alone it runs as it would on hardware.
-ALONE = {
-    "eventinj": "Bochs 2.7 carries virtual-NMI blocking across VM entries (SF #1456)",
-}
+# apic.c (xapic, x2apic) sends itself NMIs too (test_pending_nmi): x2apic
+# hung there next to xapic in one boot. A real CPU loads the blocking from
+# the VMCS on every entry (SDM Vol. 3C 27.3.1.5), so alone each runs as it
+# would on hardware. (The tests of the selection that send NMIs: grep
+# APIC_DM_NMI x86/*.c.)
+NMI_LEAK = "Bochs 2.7 carries virtual-NMI blocking across VM entries (SF #1456)"
+ALONE = {"eventinj": NMI_LEAK, "xapic": NMI_LEAK, "x2apic": NMI_LEAK}
 
 
 def hv_command(boot_name, timeout_s, vms):
