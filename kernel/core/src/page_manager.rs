@@ -206,6 +206,19 @@ pub(crate) struct MemSlot {
     pub base_gfn: u64,
     pub mergeable: bool,
     pub pages: Vec<PageEntry>,
+    /// One bit a page: the guest's fault has installed a translation for
+    /// it at least once. Tells a refault (the translation was there and
+    /// went) from a first touch of a page merged before the guest came.
+    pub faulted_in: Vec<u64>,
+}
+
+impl MemSlot {
+    fn was_faulted_in(&self, idx: usize) -> bool {
+        self.faulted_in[idx / 64] >> (idx % 64) & 1 != 0
+    }
+    fn mark_faulted_in(&mut self, idx: usize) {
+        self.faulted_in[idx / 64] |= 1 << (idx % 64);
+    }
 }
 
 pub(crate) struct Vm<S: Stage2> {
@@ -332,7 +345,8 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         if v.slots.iter().any(|s| g0 < s.base_gfn + s.pages.len() as u64 && s.base_gfn < g1) {
             return Err(PmError::BadSlot);
         }
-        v.slots.push(MemSlot { base_gfn: g0, mergeable, pages: vec![PageEntry::EMPTY; (g1 - g0) as usize] });
+        let n = (g1 - g0) as usize;
+        v.slots.push(MemSlot { base_gfn: g0, mergeable, pages: vec![PageEntry::EMPTY; n], faulted_in: vec![0; n.div_ceil(64)] });
         Ok(())
     }
 
@@ -394,7 +408,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             }
         } else if v.mmu.lookup(mem, gfn).is_some() {
             v.stats.write_protected += 1;
-        } else if e.shared() {
+        } else if e.shared() && v.slots[si].was_faulted_in(idx) {
             v.stats.refaults += 1;
         } else {
             v.stats.not_present += 1;
@@ -404,7 +418,10 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let e = v.slots[si].pages[idx];
         let perms = if e.shared() { Perms::RX } else { Perms::RWX };
         match install_charged(mem, frames, v, gfn, e.pa(), perms, seq) {
-            Some(Install::Installed | Install::AlreadyPresent) => Outcome::Resolved,
+            Some(Install::Installed | Install::AlreadyPresent) => {
+                v.slots[si].mark_faulted_in(idx);
+                Outcome::Resolved
+            }
             Some(Install::Retry) => {
                 v.stats.retries += 1;
                 Outcome::Retry

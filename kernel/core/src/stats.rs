@@ -8,13 +8,14 @@ use crate::mmu_notifier::MmuStats;
 pub struct VmStats {
     /// Every call of `handle_ept_violation`.
     pub ept_violations: u64,
-    /// ... for a private page with no translation (first touch, or one
-    /// the hypervisor backed, or after a retry).
+    /// ... for a page with no translation that the guest never faulted
+    /// in before (first touch, also of a page the hypervisor backed or the
+    /// dedupe merged before the guest came), or after a retry.
     pub not_present: u64,
-    /// ... for a merged page with no translation: the merge zapped it
-    /// (Linux's way, `NotifierMode::LinuxZap`) and the guest came back.
-    /// With change_pte installing the merged frame this stays 0: a re-read
-    /// of a merged page never exits.
+    /// ... for a merged page whose translation the guest had faulted in
+    /// and lost: the merge zapped it (Linux's way, `NotifierMode::LinuxZap`)
+    /// and the guest came back. With change_pte installing the merged
+    /// frame this stays 0: a re-read of a merged page never exits.
     pub refaults: u64,
     /// ... a write to a merged page (copy-on-write).
     pub write_shared: u64,

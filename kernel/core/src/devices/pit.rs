@@ -660,6 +660,45 @@ mod tests {
         Pit::new(PIT_HZ)
     }
 
+    /// `next_deadline` against the OUT pin itself: at every pulse, the
+    /// deadline is the first later pulse at which channel 0's OUT rises,
+    /// found by stepping a copy, in every periodic and one-shot mode, with
+    /// odd and even counts, and with a count rewritten mid-period (which
+    /// modes 2 and 3 take at the next reload).
+    #[test]
+    fn next_deadline_is_the_next_rise_of_out0() {
+        for control in [0x30u8, 0x34, 0x36, 0x38] {
+            for count in [1u16, 2, 3, 5, 7, 10] {
+                for rewrite in [None, Some((3u64, 4u16)), Some((8, 9)), Some((5, 2))] {
+                    let mut pit = pulse_pit();
+                    program(&mut pit, 0, control, count);
+                    for t in 0..60u64 {
+                        if let Some((at, c)) = rewrite {
+                            if t == at {
+                                pit.write(CHANNEL0, c as u8, t);
+                                pit.write(CHANNEL0, (c >> 8) as u8, t);
+                            }
+                        }
+                        pit.poll(t);
+                        let mut probe = pit.clone();
+                        let mut was = probe.out(0, t);
+                        let rise = (t + 1..t + 200).find(|&u| {
+                            let now = probe.out(0, u);
+                            let rose = now && !was;
+                            was = now;
+                            rose
+                        });
+                        let what = format!("control {control:#x} count {count} rewrite {rewrite:?} at {t}");
+                        match rise {
+                            Some(u) => assert_eq!(pit.next_deadline(), Some(u), "{what}"),
+                            None => assert!(pit.next_deadline().is_none_or(|d| d >= t + 200), "{what}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn program(pit: &mut Pit, now: u64, control: u8, count: u16) {
         let port = CHANNEL0 + u16::from(control >> 6);
         pit.write(MODE, control, now);

@@ -280,6 +280,28 @@ fn rereads_after_merge(mode: NotifierMode) -> (u64, u64) {
     (g.violations - before, merged)
 }
 
+/// Pages the hypervisor wrote (a loaded kernel) and merged before the guest
+/// came: the guest's first read of each is a first touch, not a refault.
+#[test]
+fn a_first_touch_of_a_page_merged_unmapped_is_no_refault() {
+    for mode in [NotifierMode::ChangePte, NotifierMode::LinuxZap] {
+        let mut pm = pm(64, DedupeConfig::default());
+        let (a, _) = vm(&mut pm, 2, true, mode, None);
+        let (b, _) = vm(&mut pm, 2, true, mode, None);
+        for v in [a, b] {
+            pm.write_gpa(v, gpa(0), &[7; 4096]).unwrap();
+        }
+        scan_until_converged(&mut pm);
+        assert!(pm.is_merged(a, gpa(0)) && pm.is_merged(b, gpa(0)));
+        let mut g = SimGuest::new(a);
+        let mut buf = [0u8; 8];
+        g.read(&mut pm, gpa(0), &mut buf).unwrap();
+        assert_eq!((buf, g.violations), ([7; 8], 1));
+        let st = pm.vm_stats(a).unwrap().0;
+        assert_eq!((st.not_present, st.refaults), (1, 0), "{mode:?}");
+    }
+}
+
 #[test]
 fn change_pte_gives_zero_violations_on_reread_linux_zap_one_per_merged_page() {
     let (ours, merged) = rereads_after_merge(NotifierMode::ChangePte);
