@@ -414,14 +414,13 @@ fn current_xcr0(view: &GuestView, allowed: u64) -> u64 {
 pub fn guest_cpuid(leaf: u32, subleaf: u32, host: &dyn Fn(u32, u32) -> Regs, view: &GuestView) -> Regs {
     match leaf {
         0..=MAX_BASIC_LEAF => {
-            let mut top = host(0, 0);
-            if view.tsc_hz != 0 {
-                top.eax = top.eax.max(FREQUENCY_LEAF);
-            }
-            if leaf > top.eax {
+            let top = host(0, 0);
+            // The TSC leaves may take the guest's range past the host's.
+            let shown_top = if view.tsc_hz != 0 { top.eax.max(FREQUENCY_LEAF) } else { top.eax };
+            if leaf > shown_top {
                 return Regs::default();
             }
-            basic(leaf, subleaf, top, host, view)
+            basic(leaf, subleaf, top, shown_top, host, view)
         }
         HYPERVISOR_LEAF => {
             let word = |i: usize| u32::from_le_bytes([VENDOR[i], VENDOR[i + 1], VENDOR[i + 2], VENDOR[i + 3]]);
@@ -433,11 +432,12 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: &dyn Fn(u32, u32) -> Regs, vie
     }
 }
 
-/// A basic leaf no higher than the host's highest (`top` = its leaf 0).
-fn basic(leaf: u32, subleaf: u32, top: Regs, host: &dyn Fn(u32, u32) -> Regs, view: &GuestView) -> Regs {
+/// A basic leaf no higher than the guest's highest (`shown_top`); `top`
+/// is the host's leaf 0.
+fn basic(leaf: u32, subleaf: u32, top: Regs, shown_top: u32, host: &dyn Fn(u32, u32) -> Regs, view: &GuestView) -> Regs {
     match leaf {
         // EAX: highest basic leaf; EBX, EDX, ECX: the vendor string.
-        0 => Regs { eax: min(top.eax, MAX_BASIC_LEAF), ..top },
+        0 => Regs { eax: min(shown_top, MAX_BASIC_LEAF), ..top },
         1 => {
             let r = host(1, 0);
             let s = Shown::new(effective_xcr0(host, view), view);
@@ -454,7 +454,7 @@ fn basic(leaf: u32, subleaf: u32, top: Regs, host: &dyn Fn(u32, u32) -> Regs, vi
         TSC_LEAF | FREQUENCY_LEAF if view.tsc_hz != 0 => tsc_frequencies(leaf, view.tsc_hz),
         // Leaves past the host's own highest that only the TSC leaves
         // brought into range.
-        _ if leaf > host(0, 0).eax => Regs::default(),
+        _ if leaf > top.eax => Regs::default(),
         // Cache and TLB descriptors; TSC/crystal ratio; frequencies.
         2 | TSC_LEAF | FREQUENCY_LEAF => host(leaf, subleaf),
         4 => {
