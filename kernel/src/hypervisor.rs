@@ -296,12 +296,7 @@ impl Hypervisor {
                 (vmcs::Start::Long64(&boot), Kind::Program { scenario: *scn }, Regs { rdi: boot.rdi, ..Regs::default() })
             }
             Guest::Multiboot { kernel, name: file, args, modules } => {
-                if !self.host.caps.has_unrestricted_guest() {
-                    return Err("a multiboot kernel starts with paging off: the CPU lacks the VMX feature \"unrestricted guest\"".into());
-                }
-                // All of its memory is mergeable, as QEMU marks guest RAM
-                // with madvise(MADV_MERGEABLE).
-                pm.add_slot(id, 0, new.mem, true).map_err(|e| format!("memory slot: {e:?}"))?;
+                file_vm_memory(&self.host.caps, pm, id, new.mem, "a multiboot kernel starts")?;
                 let spec = multiboot::Spec { kernel, name: file, args, modules, mem_size: new.mem };
                 let entry = multiboot::load(&spec, &mut |gpa, bytes| pm.write_gpa(id, gpa, bytes).map_err(|_| ()))
                     .map_err(|e| match e {
@@ -312,13 +307,10 @@ impl Hypervisor {
                 (vmcs::Start::Protected32 { eip: entry.eip, gdt: (0, 0) }, Kind::Multiboot, Regs { rax: entry.eax.into(), rbx: entry.ebx.into(), ..Regs::default() })
             }
             Guest::Linux { kernel, initrd, cmdline } => {
-                if !self.host.caps.has_unrestricted_guest() {
-                    return Err("Linux is entered at its 32-bit entry with paging off: the CPU lacks the VMX feature \"unrestricted guest\"".into());
-                }
                 if self.host.tsc_hz == 0 {
                     return Err("the host TSC rate is unknown (no PIT answered and CPUID has no 0x15/0x16): Linux could not keep time".into());
                 }
-                pm.add_slot(id, 0, new.mem, true).map_err(|e| format!("memory slot: {e:?}"))?;
+                file_vm_memory(&self.host.caps, pm, id, new.mem, "Linux is entered at its 32-bit entry")?;
                 let spec = linux::Spec { kernel, initrd: *initrd, cmdline, mem_size: new.mem };
                 let entry = linux::load(&spec, &mut |gpa, bytes| pm.write_gpa(id, gpa, bytes).map_err(|_| ()))
                     .map_err(|e| format!("{e}"))?;
@@ -658,6 +650,17 @@ fn msr_bitmap() -> Box<Page> {
         }
     }
     bitmap
+}
+
+/// What an unmodified guest from a file needs before it is loaded: it
+/// starts with paging off, which needs "unrestricted guest" (`starts`
+/// names how, for the refusal), and all of its memory is one mergeable
+/// slot, as QEMU marks guest RAM with madvise(MADV_MERGEABLE).
+fn file_vm_memory(caps: &VmxCaps, pm: &mut PageManager<OffsetPhysMem>, id: VmId, mem: u64, starts: &str) -> Result<(), String> {
+    if !caps.has_unrestricted_guest() {
+        return Err(format!("{starts} with paging off: the CPU lacks the VMX feature \"unrestricted guest\""));
+    }
+    pm.add_slot(id, 0, mem, true).map_err(|e| format!("memory slot: {e:?}"))
 }
 
 /// Whether `vm` ended the way its scenario should.

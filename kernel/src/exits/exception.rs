@@ -71,7 +71,7 @@ pub fn handle(vm: &mut Vm) -> Next {
                 return Next::Resume;
             }
             let blocking = read(guest::INTERRUPTIBILITY_STATE);
-            if e.kind == kind::PRIVILEGED_SOFTWARE_EXCEPTION {
+            if icebp {
                 // ICEBP (INT1): the exit is an instruction intercept, taken
                 // on the ICEBP itself. Complete it as the CPU would: RIP
                 // past it (which ends STI/MOV-SS blocking), then its

@@ -66,7 +66,6 @@ pub fn deliver(vm: &mut Vm) {
             windows |= PrimaryControls::INTERRUPT_WINDOW_EXITING;
         }
     }
-    let lapic = vm.platform.lapic.as_mut().expect("checked above");
     // A pending interrupt the TPR holds back: exit when CR8 drops below
     // its class (TPR threshold, SDM Vol. 3C 30.1.2); VM entry needs the
     // threshold no higher than the TPR's class (27.2.1.1).
