@@ -965,6 +965,13 @@ mod tests {
         let low = xeon().with(0, 0, regs(0xd, vb, vc, vd)).with(0x14, 0, regs(1, 2, 3, 4));
         let v = GuestView { tsc_hz: 50_000_000, ..low.full_view() };
         assert_eq!(low.g(0x14, 0, &v), Regs::default());
+        // ... also those the whitelist knows (the host answers them with
+        // whatever its highest leaf says).
+        let tiny = xeon().with(0, 0, regs(3, vb, vc, vd));
+        for leaf in [4, 7, 0xd] {
+            assert_eq!(tiny.g(leaf, 0, &v), Regs::default(), "leaf {leaf:#x}");
+        }
+        assert_eq!(tiny.g(0, 0, &v).eax, FREQUENCY_LEAF);
         assert_eq!(low.g(0x17, 0, &v), Regs::default());
         // A TSC past 2^32 Hz: a crystal of half of it, twice over.
         let v = GuestView { tsc_hz: 5_000_000_000, ..v };
