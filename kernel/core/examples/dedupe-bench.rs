@@ -467,27 +467,22 @@ fn read_floor(pages: usize, huge: bool) -> Floor {
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let c = Clock::start();
-        let mut s = [0u64; 8];
-        for ch in v.as_chunks::<8>().0 {
-            for (a, b) in s.iter_mut().zip(ch) {
-                *a = a.wrapping_add(*b);
-            }
-        }
+        // A plain fold: LLVM vectorizes it well for every target. (Eight
+        // explicit accumulators, `[u64; 8]` added per 64-byte chunk, took
+        // 6x as long with `-C target-cpu=native` on an AMD EPYC (Zen 4):
+        // 0.27 s for 1 GiB against 0.045 s, slower than the hash.)
+        let s = v.iter().fold(0u64, |a, &b| a.wrapping_add(b));
         std::hint::black_box(s);
         best = best.min(c.read().cpu.max(1e-9));
     }
     let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut acc = [0u64; 8];
+    let mut acc = 0u64;
     let mut pair = f64::INFINITY;
     for _ in 0..3 {
         let c = Clock::start();
         for page in v.as_chunks::<{ PAGE_SIZE / 8 }>().0 {
             let j = (splitmix(&mut x) % pages as u64) as usize * (PAGE_SIZE / 8);
-            for (p, q) in page.as_chunks::<8>().0.iter().zip(v[j..j + PAGE_SIZE / 8].as_chunks::<8>().0) {
-                for (a, (p, q)) in acc.iter_mut().zip(p.iter().zip(q)) {
-                    *a = a.wrapping_add(p ^ q);
-                }
-            }
+            acc = page.iter().zip(&v[j..j + PAGE_SIZE / 8]).fold(acc, |a, (p, q)| a.wrapping_add(p ^ q));
         }
         std::hint::black_box(acc);
         pair = pair.min(c.read().cpu.max(1e-9));
