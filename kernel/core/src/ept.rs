@@ -168,6 +168,52 @@ impl EptTables {
         unreachable!("level 1 entries are leaves")
     }
 
+    /// The 4 KiB leaf slot that translates `gpa`, present or not, if the
+    /// walk reaches a page table: `Err(true)` when a large leaf maps it
+    /// instead, `Err(false)` when a table on the way is missing (or `gpa` is
+    /// out of range). One walk, no recursion: the common case of the
+    /// single-page operations of every merge and every look.
+    #[allow(clippy::mut_from_ref)]
+    fn slot_4k<'m, M: PhysMem>(&self, mem: &'m M, gpa: u64) -> Result<&'m mut u64, bool> {
+        if gpa >= GPA_LIMIT {
+            return Err(false);
+        }
+        let mut table = self.pml4;
+        for level in (2..=4).rev() {
+            let e = mem.table_mut(table)[index(gpa, level)];
+            if !present(e) {
+                return Err(false);
+            }
+            if is_leaf(e, level) {
+                return Err(true);
+            }
+            table = PhysAddr(e & ADDR_MASK);
+        }
+        Ok(&mut mem.table_mut(table)[index(gpa, 1)])
+    }
+
+    /// `op` on the range: one walk for a single page mapped by a 4 KiB
+    /// leaf (or not mapped), the general walk otherwise (large leaves may
+    /// have to be split).
+    fn apply_range<M: PhysMem>(&mut self, mem: &M, frames: &mut FrameAllocator, range: Range<u64>, op: RangeOp) -> usize {
+        let r = Self::check_range(&range);
+        if r.end.saturating_sub(r.start) == span(1) {
+            match self.slot_4k(mem, r.start) {
+                Ok(slot) if !present(*slot) => return 0,
+                Ok(slot) => {
+                    let new = op.apply(*slot);
+                    let changed = new != *slot;
+                    *slot = new;
+                    return changed as usize;
+                }
+                Err(false) => return 0,
+                Err(true) => {} // a large leaf: split by the general walk
+            }
+        }
+        let root = self.pml4;
+        self.range_op(mem, frames, root, 4, 0, &r, op)
+    }
+
     fn alloc_table<M: PhysMem>(&mut self, mem: &M, frames: &mut FrameAllocator) -> Result<PhysAddr, MapError> {
         let t = frames.alloc().ok_or(MapError::OutOfFrames)?;
         mem.zero_page(t);
@@ -355,18 +401,7 @@ impl Stage2 for EptTables {
     }
 
     fn replace_if_present<M: PhysMem>(&mut self, mem: &M, gpa: u64, hpa: PhysAddr, perms: Perms) -> Option<Leaf> {
-        if gpa >= GPA_LIMIT {
-            return None;
-        }
-        let mut table = self.pml4;
-        for level in (2..=4).rev() {
-            let e = mem.table_mut(table)[index(gpa, level)];
-            if !present(e) || is_leaf(e, level) {
-                return None;
-            }
-            table = PhysAddr(e & ADDR_MASK);
-        }
-        let slot = &mut mem.table_mut(table)[index(gpa, 1)];
+        let slot = self.slot_4k(mem, gpa).ok()?;
         let e = *slot;
         if !present(e) {
             return None;
@@ -376,9 +411,7 @@ impl Stage2 for EptTables {
     }
 
     fn unmap_range<M: PhysMem>(&mut self, mem: &M, frames: &mut FrameAllocator, range: Range<u64>) -> usize {
-        let r = Self::check_range(&range);
-        let root = self.pml4;
-        self.range_op(mem, frames, root, 4, 0, &r, RangeOp::Unmap)
+        self.apply_range(mem, frames, range, RangeOp::Unmap)
     }
 
     fn protect_range<M: PhysMem>(
@@ -388,9 +421,7 @@ impl Stage2 for EptTables {
         range: Range<u64>,
         keep: Perms,
     ) -> usize {
-        let r = Self::check_range(&range);
-        let root = self.pml4;
-        self.range_op(mem, frames, root, 4, 0, &r, RangeOp::Protect(keep))
+        self.apply_range(mem, frames, range, RangeOp::Protect(keep))
     }
 
     fn lookup<M: PhysMem>(&self, mem: &M, gpa: u64) -> Option<Leaf> {
@@ -416,18 +447,11 @@ impl Stage2 for EptTables {
     /// 29.4.3.4, "clearing bit 9 ... if accessed and dirty flags for EPT
     /// will be enabled").
     fn test_and_clear_dirty<M: PhysMem>(&mut self, mem: &M, gpa: u64) -> Option<bool> {
-        if !self.accessed_dirty || gpa >= GPA_LIMIT {
+        if !self.accessed_dirty {
             return None;
         }
-        let mut table = self.pml4;
-        for level in (2..=4).rev() {
-            let e = mem.table_mut(table)[index(gpa, level)];
-            if !present(e) || is_leaf(e, level) {
-                return None; // absent, or a large page: no per-page flag
-            }
-            table = PhysAddr(e & ADDR_MASK);
-        }
-        let slot = &mut mem.table_mut(table)[index(gpa, 1)];
+        // Absent, or a large page: no per-page flag.
+        let slot = self.slot_4k(mem, gpa).ok()?;
         if !present(*slot) {
             return None;
         }
@@ -687,6 +711,41 @@ mod tests {
         assert!(t.hw_access(&m, MB2 + 4096, true), "the large leaf takes the flag");
         assert_eq!(t.test_and_clear_dirty(&m, MB2 + 4096), None);
         t.destroy(&m, &mut fa);
+    }
+
+    /// The one-walk path for single pages does what the general walk does
+    /// on every kind of entry: a 4 KiB leaf, a hole in a table, no table at
+    /// all, a page inside a large leaf (split), out of range.
+    #[test]
+    fn single_page_ops_match_the_general_walk() {
+        let (m, mut fa) = setup(4096);
+        let f = fa.alloc().unwrap();
+        let build = |fa: &mut FrameAllocator| {
+            let mut t = EptTables::new(&m, fa).unwrap();
+            for k in [0u64, 1, 3, 511] {
+                t.map_4k(&m, fa, k * 4096, f, Perms::RWX).unwrap();
+            }
+            t.map_2m(&m, fa, MB2, PhysAddr(65 * MB2), Perms::RWX).unwrap();
+            t
+        };
+        let (mut fast, mut slow) = (build(&mut fa), build(&mut fa));
+        let pages = [0u64, 1, 2, 3, 511, 512, 513, 1023, 1024, 1 << 27, (GPA_LIMIT >> 12) - 1];
+        let ops = [RangeOp::Protect(Perms::RX), RangeOp::Protect(Perms::READ), RangeOp::Unmap, RangeOp::Protect(Perms::RX)];
+        for op in ops {
+            for &p in &pages {
+                let r = p * 4096..(p + 1) * 4096;
+                let a = fast.apply_range(&m, &mut fa, r.clone(), op);
+                let root = slow.pml4;
+                let b = slow.range_op(&m, &mut fa, root, 4, 0, &r, op);
+                assert_eq!(a, b, "changed count for page {p:#x}");
+                for q in pages.iter().flat_map(|&q| [q.saturating_sub(1), q, q + 1]) {
+                    assert_eq!(fast.lookup(&m, q * 4096), slow.lookup(&m, q * 4096), "page {q:#x} after page {p:#x}");
+                }
+            }
+        }
+        assert_eq!(fast.table_frames(), slow.table_frames(), "the split happened once on both");
+        fast.destroy(&m, &mut fa);
+        slow.destroy(&m, &mut fa);
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub struct OffsetPhysMem {
 // SAFETY: the bootloader maps all physical memory at `offset`
 // (`BootInfo::physical_memory_offset`); the kernel builds it from that.
 unsafe impl PhysMem for OffsetPhysMem {
+    #[inline]
     fn ptr(&self, pa: PhysAddr) -> *mut u8 {
         (self.offset + pa.0) as *mut u8
     }
@@ -118,11 +119,22 @@ impl Drop for Arena {
 
 // SAFETY: every address in `range()` is backed by the arena's allocation.
 unsafe impl PhysMem for Arena {
+    /// Inlined with the check's panic out of line: every page and table
+    /// access goes through here (the kernel's `OffsetPhysMem` is one add).
+    #[inline]
     fn ptr(&self, pa: PhysAddr) -> *mut u8 {
-        let r = self.range();
-        assert!(r.contains(&pa.0), "physical address {:#x} outside the arena {:#x?}", pa.0, r);
-        unsafe { self.mem.add((pa.0 - self.base) as usize) }
+        let off = pa.0.wrapping_sub(self.base);
+        if off >= self.layout.size() as u64 {
+            outside(pa, self.range());
+        }
+        unsafe { self.mem.add(off as usize) }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn outside(pa: PhysAddr, r: Range<u64>) -> ! {
+    panic!("physical address {:#x} outside the arena {:#x?}", pa.0, r)
 }
 
 // The arena is plain memory; sharing it across threads is as safe as the
