@@ -550,10 +550,14 @@ impl Hypervisor {
             "sharing: host frames in use {} (held by VMs {} + merged {}), saved {} frames = {} MiB",
             t.vm.frames_held + s.pages_shared, t.vm.frames_held, s.pages_shared, saved, saved >> 8
         );
-        log::info!(
-            "dedupe scan: {} TSC ticks for {} pages scanned ({} per page; in Bochs a tick is about an instruction)",
-            self.scan_ticks, s.pages_scanned, self.scan_ticks / s.pages_scanned.max(1)
-        );
+        if s.pages_scanned == 0 {
+            log::info!("dedupe scan: no pages scanned ({} TSC ticks in scan calls)", self.scan_ticks);
+        } else {
+            log::info!(
+                "dedupe scan: {} TSC ticks for {} pages scanned ({} per page; in Bochs a tick is about an instruction)",
+                self.scan_ticks, s.pages_scanned, self.scan_ticks / s.pages_scanned
+            );
+        }
         log::info!(
             "dedupe: pages_shared={} pages_sharing={} pages_unshared={} pages_volatile={} full_scans={} zero_pages={} checksums_reused={}",
             s.pages_shared, s.pages_sharing, s.pages_unshared, s.pages_volatile, s.full_scans, s.zero_pages, s.checksums_reused

@@ -100,7 +100,7 @@ impl ContentIndex {
     /// Sets `key`'s value; returns the one it replaced.
     pub fn insert(&mut self, key: u64, val: u64) -> Option<u64> {
         if self.slots.is_empty() {
-            self.reserve(MIN_SLOTS * 3 / 4);
+            self.reserve(1); // the smallest table, MIN_SLOTS
         }
         let (mut i, found) = self.probe(key);
         if found {
@@ -234,6 +234,32 @@ mod tests {
         assert!(t.full(), "no slots: the next key needs room");
         assert_eq!(t.insert(5, 51), None);
         assert_eq!(t.get(5), Some(51));
+    }
+
+    /// A key's home slot is its top bits scaled to the table, so keys that
+    /// differ there start their probes apart and a lookup reads one line,
+    /// not a run through the whole table (a constant home would still
+    /// find every key, only slowly: this is what tells the two apart).
+    #[test]
+    fn home_is_the_keys_top_bits_scaled_to_the_table() {
+        let mut t = ContentIndex::new();
+        t.reserve(12); // 16 slots
+        assert_eq!(t.slots.len(), 16);
+        for h in 0..16u64 {
+            assert_eq!(t.home((h << 60) | 1), h as usize);
+            assert_eq!(t.home((h << 60) | (1 << 59) | 1), h as usize, "the bits below decide nothing");
+        }
+        t.reserve(30); // 40 slots: not a power of two
+        assert_eq!(t.slots.len(), 40);
+        assert_eq!((t.home(1), t.home(u64::MAX / 2), t.home(u64::MAX)), (0, 19, 39));
+        // Keys with distinct homes sit in them: one slot read per lookup.
+        for h in 0..16u64 {
+            t.insert((h << 60) | 1, h);
+        }
+        for h in 0..16u64 {
+            let k = (h << 60) | 1;
+            assert_eq!(t.probe(k), (t.home(k), true));
+        }
     }
 
     #[test]
