@@ -27,10 +27,13 @@
 //! sharing domains never meet, because the domain is mixed into the
 //! index key and checked on every match.
 //!
-//! Memory: 16 bytes per guest page in the page manager (frame, 64-bit
-//! checksum or stable index, flags); while a page is in the unstable index, one more
-//! 16-byte map entry; per merged frame one 24-byte record and one map
-//! entry.
+//! Memory: 12 bytes per guest page in the page manager (frame, flags and
+//! the page's 60-bit checksum, kept for merged pages too); while a page is
+//! in the unstable index, one 16-byte slot there; per merged frame one
+//! 16-byte slot in the stable index, which is its record: key, frame and
+//! sharer count. A merged page finds its record by its key (checksum and
+//! domain) and its frame; frames with the same content that filled up
+//! (`max_page_sharing`) are further slots with the same key.
 
 use crate::content_index::ContentIndex;
 use crate::frame::FrameAllocator;
@@ -139,48 +142,45 @@ pub struct PassStats {
     pub changed: u64,
 }
 
-const NIL: u32 = u32::MAX;
-
-/// A merged frame (KSM's stable node). 20 bytes (packed to 4-byte
-/// alignment: a record per merged frame is a large part of the metadata
-/// when many frames are merged).
-#[derive(Clone, Copy, Debug)]
-#[repr(C, packed(4))]
-struct StableFrame {
-    /// Its index key; 0 for a zero frame (index keys are never 0).
-    key: u64,
-    /// Its host frame; [`NO_FRAME`] once freed (the record is then free
-    /// for reuse).
-    frame: u32,
-    /// Guest pages mapped to it; freed at zero.
-    sharers: u32,
-    /// Next merged frame with the same key (KSM's stable_node chain of
-    /// dups, when `max_page_sharing` filled one).
-    next: u32,
+/// A merged frame's record is its stable-index slot: the key, and as the
+/// value its host frame (low 32 bits) and its sharer count (high 32).
+fn record(frame: u32, sharers: u32) -> u64 {
+    frame as u64 | (sharers as u64) << 32
 }
 
-const _: () = assert!(core::mem::size_of::<StableFrame>() == 20);
+fn rec_frame(v: u64) -> u32 {
+    v as u32
+}
 
-impl StableFrame {
-    fn live(&self) -> bool {
-        self.frame != NO_FRAME
-    }
-    fn zero(&self) -> bool {
-        self.key == 0
-    }
+fn rec_sharers(v: u64) -> u32 {
+    (v >> 32) as u32
+}
+
+/// A domain's zero frame (`use_zero_pages`): all-zero pages of the domain
+/// share it without a cap, outside the stable index.
+#[derive(Clone, Copy, Debug)]
+struct ZeroFrame {
+    domain: u32,
+    frame: u32,
+    sharers: u32,
+}
+
+/// What a page is merged into: a stable-index slot (a position, valid
+/// until the index next changes) or a zero frame (its place in the list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Stable(usize),
+    Zero(usize),
 }
 
 /// The dedupe engine's state, kept by the page manager.
 pub(crate) struct Ksm {
     pub config: DedupeConfig,
-    stable: Vec<StableFrame>,
-    free_ids: Vec<u32>,
-    /// Key -> first merged frame of the chain with that key.
-    stable_index: ContentIndex,
+    /// Key -> [`record`] of each merged frame, newest first among equal keys.
+    stable: ContentIndex,
     /// Key -> page ref ([`page_ref`]) of an unchanged page of this pass.
     unstable: ContentIndex,
-    /// (domain, stable id) of each zero frame.
-    zero_frames: Vec<(u32, u32)>,
+    zero_frames: Vec<ZeroFrame>,
     zero_hash: u64,
     /// (vm, slot, page) to look at next.
     cursor: (usize, usize, usize),
@@ -229,9 +229,7 @@ impl Ksm {
         assert!(config.max_page_sharing >= 2, "max_page_sharing below 2 would never share");
         Ksm {
             config,
-            stable: Vec::new(),
-            free_ids: Vec::new(),
-            stable_index: ContentIndex::new(),
+            stable: ContentIndex::new(),
             unstable: ContentIndex::new(),
             zero_frames: Vec::new(),
             zero_hash: checksum(&[0u8; PAGE_SIZE]),
@@ -249,135 +247,108 @@ impl Ksm {
         }
     }
 
-    fn frame_of(&self, id: u32) -> PhysAddr {
-        PhysAddr((self.stable[id as usize].frame as u64) << PAGE_SHIFT)
+    /// The host frame a page merged into `t` gets.
+    fn frame_of(&self, t: Target) -> PhysAddr {
+        let f = match t {
+            Target::Stable(pos) => rec_frame(self.stable.value_at(pos)),
+            Target::Zero(z) => self.zero_frames[z].frame,
+        };
+        PhysAddr((f as u64) << PAGE_SHIFT)
     }
 
-    fn alloc_id(&mut self, rec: StableFrame) -> u32 {
-        match self.free_ids.pop() {
-            Some(id) => {
-                self.stable[id as usize] = rec;
-                id
-            }
-            None => {
-                // Grow by an eighth, not double: the records are the
-                // largest part of the metadata when many frames are merged,
-                // and a doubled Vec leaves up to half of it unused (the
-                // copies cost 8 record moves per record in all).
-                if self.stable.len() == self.stable.capacity() {
-                    self.stable.reserve_exact((self.stable.len() / 8).max(64));
-                }
-                self.stable.push(rec);
-                (self.stable.len() - 1) as u32
-            }
+    fn sharers(&self, t: Target) -> u32 {
+        match t {
+            Target::Stable(pos) => rec_sharers(self.stable.value_at(pos)),
+            Target::Zero(z) => self.zero_frames[z].sharers,
         }
     }
 
-    /// A new merged frame for content `key`, first in its chain.
-    fn new_stable(&mut self, frame: u32, key: u64) -> u32 {
-        if self.stable_index.full() {
-            self.grow_stable_index();
+    fn add_sharer(&mut self, t: Target) {
+        match t {
+            Target::Stable(pos) => {
+                let v = self.stable.value_at(pos);
+                self.stable.set_value_at(pos, record(rec_frame(v), rec_sharers(v) + 1));
+            }
+            Target::Zero(z) => self.zero_frames[z].sharers += 1,
         }
-        let next = self.stable_index.get(key).map_or(NIL, |id| id as u32);
-        let id = self.alloc_id(StableFrame { key, frame, sharers: 0, next });
-        self.stable_index.insert(key, id as u64);
-        id
     }
 
-    /// Grows the stable index by a rebuild from the records (each chain's
-    /// head: the live, non-zero record no other record's `next` names),
-    /// with the old table freed first, so the two are never both held.
-    fn grow_stable_index(&mut self) {
-        let len = self.stable_index.len();
-        self.stable_index.release();
-        self.stable_index.reserve(len + 1 + len / 4);
-        let mut named = alloc::vec![0u64; self.stable.len().div_ceil(64)];
-        for s in self.stable.iter().filter(|s| s.live() && s.next != NIL) {
-            named[s.next as usize / 64] |= 1 << (s.next % 64);
-        }
-        for (id, s) in self.stable.iter().enumerate() {
-            if s.live() && !s.zero() && named[id / 64] & (1 << (id % 64)) == 0 {
-                self.stable_index.insert(s.key, id as u64);
-            }
-        }
-        debug_assert_eq!(self.stable_index.len(), len, "a chain head lost");
+    /// A new merged frame for content `key` with `sharers` pages, first
+    /// among the frames with that key; its position.
+    fn new_stable(&mut self, frame: u32, key: u64, sharers: u32) -> usize {
+        self.stable.insert_dup(key, record(frame, sharers));
+        self.stable.find(key, |v| rec_frame(v) == frame).expect("just inserted")
     }
 
     /// The first merged frame with content `key` that has room.
-    fn stable_with_room(&self, key: u64) -> Option<u32> {
-        let mut id = self.stable_index.get(key)? as u32;
-        while id != NIL {
-            let s = &self.stable[id as usize];
-            if s.sharers < self.config.max_page_sharing {
-                return Some(id);
-            }
-            id = s.next;
-        }
-        None
+    fn stable_with_room(&self, key: u64) -> Option<usize> {
+        let max = self.config.max_page_sharing;
+        self.stable.find(key, |v| rec_sharers(v) < max)
     }
 
-    fn zero_frame<P: PhysMem>(&mut self, mem: &P, frames: &mut FrameAllocator, domain: u32) -> Option<u32> {
-        if let Some(&(_, id)) = self.zero_frames.iter().find(|(d, _)| *d == domain) {
-            return Some(id);
+    fn zero_frame<P: PhysMem>(&mut self, mem: &P, frames: &mut FrameAllocator, domain: u32) -> Option<usize> {
+        if let Some(z) = self.zero_frames.iter().position(|z| z.domain == domain) {
+            return Some(z);
         }
         let f = frames.alloc()?;
         mem.zero_page(f);
-        let id = self.alloc_id(StableFrame { key: 0, frame: frame_number(f), sharers: 0, next: NIL });
-        self.zero_frames.push((domain, id));
-        Some(id)
+        self.zero_frames.push(ZeroFrame { domain, frame: frame_number(f), sharers: 0 });
+        Some(self.zero_frames.len() - 1)
     }
 
-    /// Drops one guest page's reference to merged frame `id`; the frame
-    /// is freed and leaves the index when none is left.
-    pub fn put(&mut self, frames: &mut FrameAllocator, id: u32) {
-        let s = &mut self.stable[id as usize];
-        assert!(s.live() && s.sharers > 0, "reference to a dead merged frame {id}");
-        s.sharers -= 1;
-        if s.sharers == 0 {
-            self.remove(frames, id);
+    /// What the merged page `e` of sharing domain `domain` is mapped to:
+    /// its domain's zero frame, or the stable record with its key (its
+    /// checksum) and its frame.
+    pub(crate) fn target_of(&self, domain: u32, e: &PageEntry) -> Option<Target> {
+        debug_assert!(e.shared());
+        if let Some(z) = self.zero_frames.iter().position(|z| z.domain == domain && z.frame == e.frame) {
+            return Some(Target::Zero(z));
         }
+        let frame = e.frame;
+        self.stable.find(key_of(e.aux(), domain), |v| rec_frame(v) == frame).map(Target::Stable)
     }
 
-    fn remove(&mut self, frames: &mut FrameAllocator, id: u32) {
-        let s = self.stable[id as usize];
-        if s.zero() {
-            self.zero_frames.retain(|&(_, z)| z != id);
-        } else {
-            let head = self.stable_index.get(s.key).expect("a merged frame is in the index") as u32;
-            if head == id {
-                if s.next == NIL {
-                    self.stable_index.remove(s.key);
-                } else {
-                    self.stable_index.insert(s.key, s.next as u64);
-                }
-            } else {
-                let mut p = head;
-                while self.stable[p as usize].next != id {
-                    p = self.stable[p as usize].next;
-                    assert_ne!(p, NIL, "merged frame {id} missing from its chain");
-                }
-                self.stable[p as usize].next = s.next;
+    /// Drops the merged page `e`'s reference to its merged frame (the page
+    /// belongs to sharing domain `domain`); the frame is freed and leaves
+    /// the index when none is left.
+    pub fn put(&mut self, frames: &mut FrameAllocator, domain: u32, e: &PageEntry) {
+        let t = self.target_of(domain, e).expect("a merged page's frame is in the index");
+        let n = self.sharers(t);
+        assert!(n > 0, "reference to a merged frame with no sharers");
+        if n > 1 {
+            match t {
+                Target::Stable(pos) => self.stable.set_value_at(pos, record(e.frame, n - 1)),
+                Target::Zero(z) => self.zero_frames[z].sharers -= 1,
+            }
+            return;
+        }
+        self.remove(frames, t);
+    }
+
+    fn remove(&mut self, frames: &mut FrameAllocator, t: Target) {
+        let f = self.frame_of(t);
+        match t {
+            Target::Stable(pos) => {
+                self.stable.remove_at(pos);
+            }
+            Target::Zero(z) => {
+                self.zero_frames.swap_remove(z);
             }
         }
-        frames.free(self.frame_of(id)).expect("a merged frame is ours");
-        self.stable[id as usize].frame = NO_FRAME;
-        self.free_ids.push(id);
+        frames.free(f).expect("a merged frame is ours");
     }
 
     fn finish_pass(&mut self) {
         self.full_scans += 1;
         self.last_pass = Some(self.pass);
         self.pass = PassStats::default();
-        // KSM rebuilds the unstable tree every pass; clear keeps capacity.
-        // Room is made up front for what this pass left in it, plus an
-        // eighth (not for every page visited: most pages of a pass never
-        // enter it, they merge or change, and a table sized for all of
-        // them cost 34 bytes per page); a pass that needs more grows it.
+        // KSM rebuilds the unstable tree every pass. What this pass left in
+        // it (plus an eighth) is what the next one will want: the table is
+        // emptied and cut to that in place (it peaked mid-pass, when pages
+        // waited for their twins), or grown in place to it.
         let want = self.unstable.len();
         self.unstable.clear();
-        if !self.unstable.fits_total(want + want / 8) {
-            self.unstable.release(); // empty anyway: no old+new peak
-        }
+        self.unstable.shrink_to(want + want / 8);
         self.unstable.reserve(want + want / 8);
         self.visited_this_pass = 0;
     }
@@ -390,22 +361,24 @@ fn write_protect<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, mm
     mmu.invalidate_range_end(r);
 }
 
-/// Inside a `Change` bracket of the page: points it at merged frame `id`
-/// with change_pte. Returns its old frame, which the caller frees after
-/// the bracket's end (the end flushes the TLB first).
-fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, si: usize, pi: usize, id: u32) -> PhysAddr {
+/// Inside a `Change` bracket of the page: points it at merged frame `t`
+/// with change_pte; the page entry keeps `sum`, the content's checksum,
+/// by which (with the frame) it finds the frame's record again. Returns
+/// its old frame, which the caller frees after the bracket's end (the end
+/// flushes the TLB first).
+fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, si: usize, pi: usize, t: Target, sum: u64) -> PhysAddr {
     let old = v.slots[si].pages[pi];
     let gfn = v.slots[si].base_gfn + pi as u64;
-    let target = ksm.frame_of(id);
+    let target = ksm.frame_of(t);
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
-    v.slots[si].pages[pi] = PageEntry::new(frame_number(target), id as u64, F_SHARED);
+    v.slots[si].pages[pi] = PageEntry::new(frame_number(target), sum, F_SHARED);
     v.private_frames -= 1; // its frame is freed: no longer charged to the VM
-    ksm.stable[id as usize].sharers += 1;
+    ksm.add_sharer(t);
     ksm.merges += 1;
     old.pa()
 }
 
-/// Merges the page into merged frame `id` if their bytes are equal, in one
+/// Merges the page into merged frame `t` if their bytes are equal, in one
 /// notifier bracket: start(Change) write-protects the entry (zaps it with
 /// `notifier=linux-zap`), the byte compare runs on the protected page,
 /// change_pte installs the merged frame only if equal, and the end closes
@@ -413,6 +386,7 @@ fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, 
 /// write-protected: the guest's next write takes a write-protect EPT
 /// violation, which the page manager resolves by mapping the page writable
 /// again (counted in `write_protected`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn merge_into<P: PhysMem, S: Stage2>(
     mem: &P,
     frames: &mut FrameAllocator,
@@ -420,13 +394,17 @@ pub(crate) fn merge_into<P: PhysMem, S: Stage2>(
     v: &mut Vm<S>,
     si: usize,
     pi: usize,
-    id: u32,
+    t: Target,
+    sum: u64,
 ) -> bool {
     let r = GfnRange::one(v.slots[si].base_gfn + pi as u64);
     v.mmu.invalidate_range_start(mem, frames, r, InvalidateEvent::Change);
     let page = mem.page(v.slots[si].pages[pi].pa());
-    let equal = if ksm.stable[id as usize].zero() { is_zero(page) } else { page == mem.page(ksm.frame_of(id)) };
-    let old = equal.then(|| install_merged(mem, ksm, v, si, pi, id));
+    let equal = match t {
+        Target::Zero(_) => is_zero(page),
+        Target::Stable(_) => page == mem.page(ksm.frame_of(t)),
+    };
+    let old = equal.then(|| install_merged(mem, ksm, v, si, pi, t, sum));
     v.mmu.invalidate_range_end(r);
     match old {
         // Freed by `scan` after the flush (the flushes of a scan batch
@@ -536,14 +514,11 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             first_looks: k.first_look,
             ..KsmStats::default()
         };
-        for f in k.stable.iter().filter(|f| f.live()) {
-            if f.zero() {
-                s.zero_pages += f.sharers as u64;
-            } else {
-                s.pages_shared += 1;
-                s.pages_sharing += f.sharers as u64 - 1;
-            }
+        for (_, v) in k.stable.iter() {
+            s.pages_shared += 1;
+            s.pages_sharing += rec_sharers(v) as u64 - 1;
         }
+        s.zero_pages = k.zero_frames.iter().map(|z| z.sharers as u64).sum();
         for v in self.vms.iter().flatten() {
             for slot in &v.slots {
                 for e in &slot.pages {
@@ -565,8 +540,8 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         let v = self.vms.get(vm.0 as usize)?.as_ref()?;
         let mut s = VmSharing::default();
         for e in v.slots.iter().flat_map(|slot| &slot.pages).filter(|e| e.shared()) {
-            match self.ksm.stable.get(e.aux() as usize) {
-                Some(f) if f.zero() => s.zero += 1,
+            match v.domain.and_then(|d| self.ksm.target_of(d, e)) {
+                Some(Target::Zero(_)) => s.zero += 1,
                 _ => s.merged += 1,
             }
         }
@@ -576,19 +551,22 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
     /// Checks the dedupe bookkeeping against the page map (for tests):
     /// every merged frame's count equals the pages mapped to it.
     pub fn check_consistency(&self) -> Result<(), &'static str> {
-        let mut counts = alloc::vec![0u32; self.ksm.stable.len()];
+        // Pages mapped to each merged frame, by (key, frame) or zero frame.
+        let mut counts = alloc::collections::BTreeMap::<(u64, u32), u32>::new();
+        let mut zero_counts = alloc::vec![0u32; self.ksm.zero_frames.len()];
         for v in self.vms.iter().flatten() {
             for slot in &v.slots {
                 for e in &slot.pages {
                     if e.shared() {
-                        let f = self.ksm.stable.get(e.aux() as usize).ok_or("bad stable index")?;
                         if e.flags() & F_TRACKED != 0 {
                             return Err("merged page with a tracked checksum");
                         }
-                        if !f.live() || f.frame != e.frame {
-                            return Err("page mapped to a dead or different merged frame");
+                        let d = v.domain.ok_or("merged page in a VM that does not merge")?;
+                        match self.ksm.target_of(d, e) {
+                            Some(Target::Zero(z)) => zero_counts[z] += 1,
+                            Some(Target::Stable(_)) => *counts.entry((key_of(e.aux(), d), e.frame)).or_default() += 1,
+                            None => return Err("page mapped to a merged frame missing from the index"),
                         }
-                        counts[e.aux() as usize] += 1;
                     } else if e.frame != NO_FRAME && !self.frames.is_allocated(e.pa()) {
                         return Err("private page on a free frame");
                     }
@@ -602,13 +580,25 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
                 return Err("a marked page missing from the unstable index");
             }
         }
-        for (i, f) in self.ksm.stable.iter().enumerate() {
-            if f.live() && (f.sharers != counts[i] || f.sharers == 0) {
+        let mut records = 0;
+        for (key, v) in self.ksm.stable.iter() {
+            let (f, n) = (rec_frame(v), rec_sharers(v));
+            if n == 0 || counts.get(&(key, f)) != Some(&n) {
                 return Err("merged frame count differs from its mappings");
             }
-            if f.live() && f.sharers > self.ksm.config.max_page_sharing && !f.zero() {
+            if n > self.ksm.config.max_page_sharing {
                 return Err("merged frame over max_page_sharing");
             }
+            if !self.frames.is_allocated(PhysAddr((f as u64) << PAGE_SHIFT)) {
+                return Err("merged frame not allocated");
+            }
+            records += 1;
+        }
+        if records != counts.len() {
+            return Err("two records for one merged frame");
+        }
+        if self.ksm.zero_frames.iter().zip(&zero_counts).any(|(z, &c)| z.sharers == 0 || z.sharers != c) {
+            return Err("zero frame count differs from its mappings");
         }
         Ok(())
     }
@@ -639,6 +629,7 @@ const NEXT_PAGE_LINES: usize = 32;
 #[derive(Clone, Copy, Debug)]
 enum Hint {
     None,
+    /// The frame of the first merged frame with the page's key.
     Stable(u32),
     Twin(u64),
 }
@@ -689,7 +680,7 @@ impl Ring {
         }
         if self.len > PARTNER_AT {
             if let Some(l) = &self.slots[(self.head + PARTNER_AT) % LOOK_AHEAD] {
-                prefetch_partner(mem, vms, ksm, l);
+                prefetch_partner(mem, vms, l);
             }
         }
     }
@@ -726,30 +717,13 @@ fn unstable_members<S: Stage2>(vms: &[Option<Vm<S>>], cursor: (usize, usize, usi
     })
 }
 
-/// Grows the unstable index for one more entry by rebuilding it from the
-/// page entries ([`unstable_members`]): the old table is freed first, so
-/// the old and the new one are never both held (the index's peak is what
-/// the metadata per page is measured by). Entries of pages discarded or
-/// torn down since their insertion are dropped (a lookup would have
-/// refused them).
-fn grow_unstable<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &mut Ksm) {
-    let len = ksm.unstable.len();
-    ksm.unstable.release();
-    ksm.unstable.reserve(len + 1 + len / 4);
-    for (key, r) in unstable_members(vms, ksm.cursor) {
-        let old = ksm.unstable.insert(key, r);
-        debug_assert!(old.is_none(), "two marked pages with one key");
-    }
-    // Entries of pages discarded or torn down since are left out.
-    debug_assert!(ksm.unstable.len() <= len, "the marks and the index disagree");
-}
-
 /// Reads the index lines (prefetched by the look) for the partner a
-/// decision would try first, and prefetches its record or page entry.
+/// decision would try first, and prefetches the twin's page entry (a
+/// merged frame's record is in the index line itself).
 fn peek_partner<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, l: &mut Looked) {
-    if let Some(id) = ksm.stable_index.get(l.key) {
-        crate::prefetch::prefetch(&ksm.stable[id as usize]);
-        l.hint = Hint::Stable(id as u32);
+    if let Some(v) = ksm.stable.get(l.key) {
+        // The record is the index slot: its frame is known at once.
+        l.hint = Hint::Stable(rec_frame(v));
     } else if let Some(q) = ksm.unstable.get(l.key) {
         if let Some(e) = entry_of(vms, q) {
             crate::prefetch::prefetch(e);
@@ -759,10 +733,10 @@ fn peek_partner<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, l: &mut Looked) {
 }
 
 /// Prefetches the first lines of the partner's frame and of the page.
-fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm, l: &Looked) {
+fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], l: &Looked) {
     let frame = match l.hint {
         Hint::None => return,
-        Hint::Stable(id) => ksm.stable.get(id as usize).filter(|s| s.live()).map(|s| s.frame),
+        Hint::Stable(frame) => Some(frame),
         Hint::Twin(q) => entry_of(vms, q).map(|e| e.frame),
     };
     if let Some(f) = frame.filter(|&f| f != NO_FRAME) {
@@ -829,7 +803,7 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
         e.clear_flags(F_TRACKED);
     }
     let key = key_of(hash, domain);
-    ksm.stable_index.prefetch(key);
+    ksm.stable.prefetch(key);
     ksm.unstable.prefetch(key);
     // The next page to look at (usually the next frame): its lines stream in
     // while the pages before it are decided, so its hash reads from cache.
@@ -854,8 +828,8 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     let first_look = dirty.is_some() && ksm.config.merge_at_first_look;
 
     // 1. A merged frame with this content and room for one more.
-    if let Some(id) = ksm.stable_with_room(key) {
-        if merge_into(mem, frames, ksm, v, si, pi, id) {
+    if let Some(pos) = ksm.stable_with_room(key) {
+        if merge_into(mem, frames, ksm, v, si, pi, Target::Stable(pos), hash) {
             ksm.pass.merged += 1;
             return 1;
         }
@@ -875,13 +849,13 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     }
     // 3. All zero: the domain's zero frame.
     if ksm.config.use_zero_pages && hash == ksm.zero_hash {
-        if let Some(id) = ksm.zero_frame(mem, frames, domain) {
-            if merge_into(mem, frames, ksm, v, si, pi, id) {
+        if let Some(z) = ksm.zero_frame(mem, frames, domain) {
+            if merge_into(mem, frames, ksm, v, si, pi, Target::Zero(z), hash) {
                 ksm.pass.merged += 1;
                 return 1;
             }
-            if ksm.stable[id as usize].sharers == 0 {
-                ksm.remove(frames, id);
+            if ksm.zero_frames[z].sharers == 0 {
+                ksm.remove(frames, Target::Zero(z));
             }
         }
         return 0;
@@ -893,9 +867,6 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
         _ => None,
     };
     let Some((qvi, qsi, qpi)) = twin else {
-        if ksm.unstable.full() {
-            grow_unstable(vms, ksm);
-        }
         // A page with this key from earlier in the pass (changed, or a
         // failed candidate) is no longer in the index.
         if let Some(old) = ksm.unstable.insert(key, me) {
@@ -921,14 +892,13 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
         return 0;
     }
     ksm.unstable.remove(key);
-    let id = ksm.new_stable(qe.frame, key);
-    ksm.stable[id as usize].sharers = 1;
+    let pos = ksm.new_stable(qe.frame, key, 1);
     ksm.merges += 1;
     let q = vms[qvi].as_mut().unwrap();
-    q.slots[qsi].pages[qpi] = PageEntry::new(qe.frame, id as u64, F_SHARED);
+    q.slots[qsi].pages[qpi] = PageEntry::new(qe.frame, sum, F_SHARED);
     q.private_frames -= 1; // the frame is the dedupe's now, charged to no VM
     let v = vms[vi].as_mut().unwrap();
-    let old = install_merged(mem, ksm, v, si, pi, id);
+    let old = install_merged(mem, ksm, v, si, pi, Target::Stable(pos), sum);
     v.mmu.invalidate_range_end(r);
     ksm.retired.push(old);
     ksm.pass.merged += 2;

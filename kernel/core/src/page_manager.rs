@@ -126,7 +126,8 @@ impl Default for VmConfig {
 
 /// No host frame behind the page yet.
 pub(crate) const NO_FRAME: u32 = u32::MAX;
-/// The frame is a merged (stable) frame; `aux` is its stable record.
+/// The frame is a merged (stable) frame; `aux` is still the content's
+/// checksum, by which (with the frame) its record is found.
 pub(crate) const F_SHARED: u8 = 1;
 /// `aux` holds the page's checksum from the last scan.
 pub(crate) const F_CSUM: u8 = 2;
@@ -144,8 +145,8 @@ pub(crate) const F_TRACKED: u8 = 8;
 /// 64-bit word with the flags in its low 4 bits and above them the
 /// [`PageEntry::aux`] value: the page's 60-bit checksum ([`F_CSUM`],
 /// [`crate::dedupe`]'s content hash, which is also its index key, so an
-/// unchanged page need not be hashed again) or its stable record index
-/// ([`F_SHARED`]). Packed to 4-byte alignment (a `u64` there would pad
+/// unchanged page need not be hashed again; a merged page, [`F_SHARED`],
+/// keeps it to find its merged frame's record). Packed to 4-byte alignment (a `u64` there would pad
 /// the entry to 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, packed(4))]
@@ -179,7 +180,7 @@ impl PageEntry {
     pub fn clear_flags(&mut self, f: u8) {
         self.word &= !(f as u64 & FLAG_MASK);
     }
-    /// The checksum or stable record index.
+    /// The checksum.
     pub fn aux(&self) -> u64 {
         self.word >> FLAG_BITS
     }
@@ -530,7 +531,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             if !e.shared() {
                 v.private_frames -= 1;
             }
-            release(frames, ksm, e);
+            release(frames, ksm, v.domain, e);
         }
         Ok(())
     }
@@ -541,7 +542,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         for s in &v.slots {
             for e in &s.pages {
                 if e.frame != NO_FRAME {
-                    release(&mut self.frames, &mut self.ksm, *e);
+                    release(&mut self.frames, &mut self.ksm, v.domain, *e);
                 }
             }
         }
@@ -661,7 +662,7 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
     v.mmu.change_pte(mem, gfn, new, Perms::RWX);
     v.slots[si].pages[idx] = PageEntry::new(frame_number(new), 0, 0);
     v.mmu.invalidate_range_end(r);
-    ksm.put(frames, e.aux() as u32);
+    ksm.put(frames, v.domain.expect("a merged page's VM merges"), &e);
     v.stats.cow_breaks += 1;
     v.private_frames += 1;
     v.note_peak();
@@ -669,9 +670,9 @@ pub(crate) fn cow_break<P: PhysMem, S: Stage2>(
 }
 
 /// Drops a page's hold on its frame (after its translation is gone).
-fn release(frames: &mut FrameAllocator, ksm: &mut Ksm, e: PageEntry) {
+fn release(frames: &mut FrameAllocator, ksm: &mut Ksm, domain: Option<u32>, e: PageEntry) {
     if e.shared() {
-        ksm.put(frames, e.aux() as u32);
+        ksm.put(frames, domain.expect("a merged page's VM merges"), &e);
     } else {
         frames.free(e.pa()).expect("a private guest frame is ours");
     }

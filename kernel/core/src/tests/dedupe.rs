@@ -364,10 +364,11 @@ fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
         let (v, _) = vm(&mut pm, 3, true, mode, None);
         let mut g = fill(&mut pm, v, &[7, 7, 9]);
         scan_until_converged(&mut pm);
-        let id = {
+        let (target, sum) = {
             let vm = pm.vm(v).unwrap();
-            assert!(vm.slots[0].pages[0].shared());
-            vm.slots[0].pages[0].aux() as u32
+            let e = vm.slots[0].pages[0];
+            assert!(e.shared());
+            (pm.ksm.target_of(vm.domain.unwrap(), &e).unwrap(), e.aux())
         };
         let own = pm.backing_frame(v, gpa(2)).unwrap();
         let before = pm.vm_stats(v).unwrap().1;
@@ -376,7 +377,7 @@ fn a_failed_compare_ends_the_bracket_and_leaves_the_page_write_protected() {
         {
             let PageManager { mem, frames, vms, ksm, .. } = &mut pm;
             let vm = vms[v.0 as usize].as_mut().unwrap();
-            assert!(!crate::dedupe::merge_into(mem, frames, ksm, vm, 0, 2, id));
+            assert!(!crate::dedupe::merge_into(mem, frames, ksm, vm, 0, 2, target, sum));
         }
         let after = pm.vm_stats(v).unwrap().1;
         assert_eq!(after.invalidate_range_start - before.invalidate_range_start, 1);
