@@ -26,7 +26,7 @@
 //!   lives for the whole run (the stable index) never degrades.
 //!
 //! Key 0 marks an empty slot: callers use keys with bit 0 set
-//! (`dedupe::key_of` does). Values are any u64 (a merged frame's id in the
+//! (`dedupe::key_of` does). Values are any u64 (a merged frame's record in the
 //! stable index, a page ref in the unstable one). A key may have several
 //! entries ([`ContentIndex::insert_dup`]); they sit together, newest first.
 
@@ -200,12 +200,14 @@ impl ContentIndex {
     }
 
     /// Adds an entry even if `key` has some; it comes first among them
-    /// (found first by [`Self::get`] and [`Self::find`]).
-    pub fn insert_dup(&mut self, key: u64, val: u64) {
-        self.add(key, val);
+    /// (found first by [`Self::get`] and [`Self::find`]). Returns its
+    /// position (valid until the next insert, remove or growth).
+    pub fn insert_dup(&mut self, key: u64, val: u64) -> usize {
+        self.add(key, val)
     }
 
-    fn add(&mut self, key: u64, val: u64) {
+    /// Adds the entry; returns its position.
+    fn add(&mut self, key: u64, val: u64) -> usize {
         debug_assert_ne!(key, EMPTY, "key 0 marks empty slots");
         if self.slots.is_empty() {
             self.reserve(1); // the smallest table, MIN_SLOTS
@@ -223,7 +225,7 @@ impl ContentIndex {
                 self.slots.copy_within(i..i + run, i + 1);
                 self.slots[i] = [key, val];
                 self.len += 1;
-                return;
+                return i;
             }
             // The run reaches the physical end: lengthen the tail. The
             // homes stay, so nothing moves (the new slots are empty).
@@ -866,7 +868,9 @@ mod tests {
                     }
                     Op::InsertDup(k, v) => {
                         m.entry(k).or_default().insert(0, v);
-                        t.insert_dup(k, v);
+                        let pos = t.insert_dup(k, v);
+                        prop_assert_eq!((t.key_at(pos), t.value_at(pos)), (k, v));
+                        prop_assert_eq!(t.find(k, |_| true), Some(pos), "the newest entry is found first");
                     }
                     Op::Remove(k) => {
                         let vs = m.entry(k).or_default();

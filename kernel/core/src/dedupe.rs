@@ -263,21 +263,20 @@ impl Ksm {
         }
     }
 
-    fn add_sharer(&mut self, t: Target) {
+    fn set_sharers(&mut self, t: Target, n: u32) {
         match t {
             Target::Stable(pos) => {
-                let v = self.stable.value_at(pos);
-                self.stable.set_value_at(pos, record(rec_frame(v), rec_sharers(v) + 1));
+                let frame = rec_frame(self.stable.value_at(pos));
+                self.stable.set_value_at(pos, record(frame, n));
             }
-            Target::Zero(z) => self.zero_frames[z].sharers += 1,
+            Target::Zero(z) => self.zero_frames[z].sharers = n,
         }
     }
 
     /// A new merged frame for content `key` with `sharers` pages, first
     /// among the frames with that key; its position.
     fn new_stable(&mut self, frame: u32, key: u64, sharers: u32) -> usize {
-        self.stable.insert_dup(key, record(frame, sharers));
-        self.stable.find(key, |v| rec_frame(v) == frame).expect("just inserted")
+        self.stable.insert_dup(key, record(frame, sharers))
     }
 
     /// The first merged frame with content `key` that has room.
@@ -316,13 +315,10 @@ impl Ksm {
         let n = self.sharers(t);
         assert!(n > 0, "reference to a merged frame with no sharers");
         if n > 1 {
-            match t {
-                Target::Stable(pos) => self.stable.set_value_at(pos, record(e.frame, n - 1)),
-                Target::Zero(z) => self.zero_frames[z].sharers -= 1,
-            }
-            return;
+            self.set_sharers(t, n - 1);
+        } else {
+            self.remove(frames, t);
         }
-        self.remove(frames, t);
     }
 
     fn remove(&mut self, frames: &mut FrameAllocator, t: Target) {
@@ -373,7 +369,7 @@ fn install_merged<P: PhysMem, S: Stage2>(mem: &P, ksm: &mut Ksm, v: &mut Vm<S>, 
     v.mmu.change_pte(mem, gfn, target, Perms::RX);
     v.slots[si].pages[pi] = PageEntry::new(frame_number(target), sum, F_SHARED);
     v.private_frames -= 1; // its frame is freed: no longer charged to the VM
-    ksm.add_sharer(t);
+    ksm.set_sharers(t, ksm.sharers(t) + 1);
     ksm.merges += 1;
     old.pa()
 }
