@@ -33,7 +33,7 @@ fn equal_pages_merge_into_one_read_only_frame() {
     // First pass: checksums only (KSM merges only pages that held still).
     let r = pm.scan(4);
     assert_eq!((r.merged, r.full_scans_completed), (0, 1));
-    assert_eq!(pm.ksm_stats().pages_volatile, 4);
+    assert_eq!((pm.ksm_stats().pages_volatile, pm.ksm_stats().pages_scanned), (4, 4));
     // Second pass merges, third finds nothing new.
     assert_eq!(scan_until_converged(&mut pm), 2);
     let s = pm.ksm_stats();
@@ -355,6 +355,32 @@ fn one_change_bracket_per_merge() {
     assert_eq!(after.tlb_flushes_deferred - before.tlb_flushes_deferred, 5);
     assert_eq!(flush.count(), after.tlb_flushes);
     pm.check_consistency().unwrap();
+}
+
+/// The consistency check is the tests' oracle: it must see a merged
+/// frame's count that no longer matches its mappings, for merged frames
+/// (a count one too low, then a record gone) and for zero frames.
+#[test]
+fn the_consistency_check_sees_counts_that_differ_from_the_mappings() {
+    for (bytes, zero) in [([7u8, 7, 7], false), ([0, 0, 0], true)] {
+        let mut pm = pm(128, DedupeConfig::default());
+        let (v, _) = vm(&mut pm, 3, true, NotifierMode::ChangePte, None);
+        fill(&mut pm, v, &bytes);
+        scan_until_converged(&mut pm);
+        assert_eq!(pm.ksm_stats().zero_pages, if zero { 3 } else { 0 });
+        pm.check_consistency().unwrap();
+        let want = if zero { "zero frame count differs from its mappings" } else { "merged frame count differs from its mappings" };
+        // Drop references without touching the pages mapped to the frame.
+        let PageManager { frames, vms, ksm, .. } = &mut pm;
+        let vm = vms[v.0 as usize].as_ref().unwrap();
+        let (e, d) = (vm.slots[0].pages[0], vm.domain.unwrap());
+        ksm.put(frames, d, &e);
+        assert_eq!(pm.check_consistency(), Err(want));
+        let PageManager { frames, ksm, .. } = &mut pm;
+        ksm.put(frames, d, &e);
+        ksm.put(frames, d, &e);
+        assert_eq!(pm.check_consistency(), Err("page mapped to a merged frame missing from the index"));
+    }
 }
 
 #[test]
