@@ -59,14 +59,16 @@ const FILL_DEN: usize = 8;
 const GROW_NUM: usize = 5;
 const GROW_DEN: usize = 4;
 
-/// A removal that leaves fewer than 3/8 of the home slots filled shrinks
+/// A removal that leaves fewer than 5/8 of the home slots filled shrinks
 /// the table (in place) back to the 0.7 a growth leaves: the unstable
 /// index peaks in the middle of a pass (pages wait there for their twin
 /// and leave it when it comes), and without shrinking it would keep that
-/// peak's size next to the stable index's growth. Between 3/8 and 7/8
-/// nothing resizes, so each resize is paid by a third of a table of
-/// inserts or removals.
-const SHRINK_NUM: usize = 3;
+/// peak's size next to the stable index's growth. Between 5/8 and 7/8
+/// nothing resizes, so each resize is paid by inserts or removals of at
+/// least a tenth of the entries. (With 3/8 the heap's peak, at the end of
+/// the first pass of 90% pairs, was 2.5 B per page higher: the unstable
+/// index still had its mid-pass size. 5/8 measured no slower.)
+const SHRINK_NUM: usize = 5;
 const SHRINK_DEN: usize = 8;
 
 /// The tail past the last home is `max(MIN_TAIL, home_slots / TAIL_DIV)`
@@ -605,7 +607,7 @@ mod tests {
         assert!(t.full());
     }
 
-    /// Removals shrink the table in place once under 3/8 full, back to the
+    /// Removals shrink the table in place once under 5/8 full, back to the
     /// 0.7 a growth leaves, keeping every entry reachable; `shrink_to`
     /// cuts a cleared table to what is wanted next.
     #[test]
@@ -626,11 +628,13 @@ mod tests {
                 assert!((0.6..0.72).contains(&fill) || t.home_slots == MIN_SLOTS, "fill {fill} after a shrink");
                 t.check_invariant();
             }
-            if t.home_slots > MIN_SLOTS {
+            // (A table near the smallest size may be emptier: it does
+            // not shrink below a growth's size for MIN_SLOTS homes.)
+            if t.len() > 2 * MIN_SLOTS {
                 lo = lo.min(t.len() as f64 / t.home_slots as f64);
             }
         }
-        assert!(shrinks >= 5 && lo >= 0.37, "{shrinks} shrinks, fill down to {lo}");
+        assert!(shrinks >= 5 && lo >= 0.62, "{shrinks} shrinks, fill down to {lo}");
         assert!(t.bytes() < big / 100, "{} of {big} bytes kept", t.bytes());
         assert!((19_990..20_000).all(|i| t.get(spread(i)) == Some(i)));
         t.check_invariant();
