@@ -785,7 +785,8 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
     let e = &mut v.slots[si].pages[pi];
     e.clear_flags(F_UNSTABLE); // it left last pass's unstable index
     let tracked = F_CSUM | F_TRACKED;
-    let hash = if dirty == Some(false) && e.flags() & tracked == tracked {
+    let unchanged = dirty == Some(false) && e.flags() & tracked == tracked;
+    let hash = if unchanged {
         // Unchanged since the checksum was taken: it still holds.
         ksm.checksums_reused += 1;
         e.aux()
@@ -804,9 +805,14 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
     ksm.unstable.prefetch(key);
     // The next pages to look at (usually the next frames): their lines
     // stream in while the pages before them are decided, so their hashes
-    // read from cache. Each look asks for half a page: the second half of
+    // read from cache. Each look asks for two halves, the second half of
     // the next page and the first half of the one after, so every page is
-    // fetched whole, its first half two looks ahead.
+    // fetched whole, its first half two looks ahead. Not after a page
+    // whose checksum held: its neighbours are likely unchanged too (a
+    // pass over idle memory), and their lines would be read for nothing.
+    if unchanged {
+        return Some(Looked { vi, si, pi, hash, key, dirty, hint: Hint::None });
+    }
     let pages = &v.slots[si].pages;
     let ahead = |d: usize| pages.get(pi + d).filter(|n| n.frame != NO_FRAME && !n.shared()).map(|n| mem.page(n.pa()));
     let halves = [(1, NEXT_PAGE_LINES..PAGE_SIZE / 64), (2, 0..NEXT_PAGE_LINES)];
