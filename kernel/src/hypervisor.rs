@@ -554,8 +554,8 @@ impl Hypervisor {
             log::info!("dedupe scan: no pages scanned ({} TSC ticks in scan calls)", self.scan_ticks);
         } else {
             log::info!(
-                "dedupe scan: {} TSC ticks for {} pages scanned ({} per page; in Bochs a tick is about an instruction)",
-                self.scan_ticks, s.pages_scanned, self.scan_ticks / s.pages_scanned
+                "dedupe scan: {} TSC ticks for {} pages scanned ({} per page; in Bochs a tick is about an instruction), {} of them hashed",
+                self.scan_ticks, s.pages_scanned, self.scan_ticks / s.pages_scanned, s.pages_hashed
             );
         }
         log::info!(

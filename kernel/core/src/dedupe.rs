@@ -193,6 +193,8 @@ pub(crate) struct Ksm {
     scanned: u64,
     /// Looks that reused the stored checksum (dirty flag clear).
     checksums_reused: u64,
+    /// Looks that hashed the page.
+    hashed: u64,
     /// Looks that made a changed page a candidate at once (first look).
     first_look: u64,
     /// Private frames merged away during a `scan` call: freed at its end,
@@ -242,6 +244,7 @@ impl Ksm {
             mismatches: 0,
             scanned: 0,
             checksums_reused: 0,
+            hashed: 0,
             first_look: 0,
             retired: Vec::new(),
         }
@@ -507,6 +510,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
             compare_mismatches: k.mismatches,
             pages_scanned: k.scanned,
             checksums_reused: k.checksums_reused,
+            pages_hashed: k.hashed,
             first_looks: k.first_look,
             ..KsmStats::default()
         };
@@ -791,6 +795,7 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
         ksm.checksums_reused += 1;
         e.aux()
     } else {
+        ksm.hashed += 1;
         checksum(mem.page(e.pa()))
     };
     // From now on the checksum (kept or stored below) is the content the

@@ -101,6 +101,9 @@ pub struct KsmStats {
     /// Looks that kept the stored checksum instead of hashing the page
     /// (dirty tracking: its EPT dirty flag stayed clear).
     pub checksums_reused: u64,
+    /// Looks that hashed the page (every look but those that kept the
+    /// checksum): the part of a look that costs most.
+    pub pages_hashed: u64,
     /// Looks at a changed page that made it a merge candidate at once
     /// (`DedupeConfig::merge_at_first_look`), without KSM's second look.
     pub first_looks: u64,

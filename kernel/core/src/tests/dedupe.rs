@@ -474,6 +474,7 @@ fn tracking_off_hashes_every_look_and_leaves_the_flags_alone() {
     scan_until_converged(&mut pm);
     let s = pm.stats();
     assert_eq!((s.ksm.checksums_reused, s.mmu.dirty_cleared), (0, 0));
+    assert_eq!(s.ksm.pages_hashed, s.ksm.pages_scanned, "every look hashed");
     assert_eq!(pm.mmu(v).unwrap().eptp(false) & (1 << 6), 0);
 }
 
@@ -495,8 +496,9 @@ fn an_unchanged_page_keeps_its_checksum_with_one_flush_per_batch() {
         assert_eq!(dirty_flag(&pm, v, p), Some(false));
     }
     assert_eq!(pm.stats().mmu.dirty_cleared, 4);
+    assert_eq!(pm.ksm_stats().pages_hashed, 4);
     pm.scan(4); // nothing written: no hashing, no flush
-    assert_eq!(pm.ksm_stats().checksums_reused, 4);
+    assert_eq!((pm.ksm_stats().checksums_reused, pm.ksm_stats().pages_hashed), (4, 4));
     assert_eq!(flush.count(), f0 + 1, "no flag was set, so none to flush");
     assert!(pm.scan_converged() || { pm.scan(4); pm.scan_converged() });
     assert_eq!(pm.ksm_stats().pages_unshared, 4);
