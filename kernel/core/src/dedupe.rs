@@ -815,16 +815,14 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
     // fetched whole, its first half two looks ahead. Not after a page
     // whose checksum held: its neighbours are likely unchanged too (a
     // pass over idle memory), and their lines would be read for nothing.
-    if unchanged {
-        return Some(Looked { vi, si, pi, hash, key, dirty, hint: Hint::None });
-    }
-    let pages = &v.slots[si].pages;
-    let ahead = |d: usize| pages.get(pi + d).filter(|n| n.frame != NO_FRAME && !n.shared()).map(|n| mem.page(n.pa()));
-    let halves = [(1, NEXT_PAGE_LINES..PAGE_SIZE / 64), (2, 0..NEXT_PAGE_LINES)];
-    for (d, lines) in halves {
-        if let Some(page) = ahead(d) {
-            for line in &page.as_chunks::<64>().0[lines] {
-                crate::prefetch::prefetch(line);
+    if !unchanged {
+        let pages = &v.slots[si].pages;
+        let ahead = |d: usize| pages.get(pi + d).filter(|n| n.frame != NO_FRAME && !n.shared()).map(|n| mem.page(n.pa()));
+        for (d, lines) in [(1, NEXT_PAGE_LINES..PAGE_SIZE / 64), (2, 0..NEXT_PAGE_LINES)] {
+            if let Some(page) = ahead(d) {
+                for line in &page.as_chunks::<64>().0[lines] {
+                    crate::prefetch::prefetch(line);
+                }
             }
         }
     }
