@@ -156,6 +156,18 @@ impl ContentIndex {
         self.slots.get(self.seek(key)).filter(|s| s[0] == key).map(|s| s[1])
     }
 
+    /// The position of `key`'s `n`-th entry (0: the newest), if it has
+    /// that many: a key's entries sit together. Any insert, remove or
+    /// growth invalidates it.
+    #[inline]
+    pub fn nth(&self, key: u64, n: usize) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        let i = self.seek(key) + n;
+        self.slots.get(i).filter(|s| s[0] == key).map(|_| i)
+    }
+
     /// The position of the first entry (newest first) with `key` whose
     /// value satisfies `pred`. Any insert, remove or growth invalidates
     /// it.
@@ -189,6 +201,7 @@ impl ContentIndex {
 
     /// Sets the value of `key`'s first entry and returns the one it
     /// replaced, or adds an entry if there is none.
+    #[cfg(test)]
     pub fn insert(&mut self, key: u64, val: u64) -> Option<u64> {
         let i = self.seek(key);
         // A replacement never grows, even at the limit.
@@ -235,6 +248,7 @@ impl ContentIndex {
     }
 
     /// Removes `key`'s first entry and returns its value.
+    #[cfg(test)]
     pub fn remove(&mut self, key: u64) -> Option<u64> {
         let pos = self.find(key, |_| true)?;
         Some(self.remove_at(pos).1)
@@ -794,6 +808,10 @@ mod tests {
             t.insert_dup(k, v);
         }
         assert_eq!((t.get(k), t.len()), (Some(3), 4));
+        let nth = |t: &ContentIndex, k, n| t.nth(k, n).map(|p| t.value_at(p));
+        assert_eq!([0, 1, 2, 3].map(|n| nth(&t, k, n)), [Some(3), Some(2), Some(1), None], "k's entries only, newest first");
+        assert_eq!([0, 1].map(|n| nth(&t, other, n)), [Some(100), None]);
+        assert_eq!((t.nth(k - 2, 0), t.nth(other + 2, 0), ContentIndex::new().nth(k, 0)), (None, None, None));
         let (p1, p3) = (t.find(k, |v| v == 1).unwrap(), t.find(k, |v| v == 3).unwrap());
         assert!(p3 < p1);
         assert_eq!((t.key_at(p1), t.value_at(p1)), (k, 1));

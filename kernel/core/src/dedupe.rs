@@ -27,8 +27,8 @@
 //! sharing domains never meet, because the domain is mixed into the
 //! index key and checked on every match.
 //!
-//! Memory: 12 bytes per guest page in the page manager (frame, flags and
-//! the page's 60-bit checksum, kept for merged pages too); while a page is
+//! Memory: 8 bytes per guest page in the page manager (frame, flags and
+//! the page's 28-bit checksum, kept for merged pages too); while a page is
 //! in the unstable index, one 16-byte slot there; per merged frame one
 //! 16-byte slot in the stable index, which is its record: key, frame and
 //! sharer count. A merged page finds its record by its key (checksum and
@@ -212,7 +212,7 @@ pub(crate) fn key_of(hash: u64, domain: u32) -> u64 {
     ((hash << (64 - AUX_BITS)) ^ (domain as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
 }
 
-/// A page's checksum: the top [`AUX_BITS`] (60) bits of its xxh3-64 hash,
+/// A page's checksum: the top [`AUX_BITS`] (28) bits of its xxh3-64 hash,
 /// what its page entry holds.
 pub(crate) fn checksum(page: &[u8; PAGE_SIZE]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(page) >> (64 - AUX_BITS)
@@ -280,12 +280,6 @@ impl Ksm {
     /// among the frames with that key; its position.
     fn new_stable(&mut self, frame: u32, key: u64, sharers: u32) -> usize {
         self.stable.insert_dup(key, record(frame, sharers))
-    }
-
-    /// The first merged frame with content `key` that has room.
-    fn stable_with_room(&self, key: u64) -> Option<usize> {
-        let max = self.config.max_page_sharing;
-        self.stable.find(key, |v| rec_sharers(v) < max)
     }
 
     fn zero_frame<P: PhysMem>(&mut self, mem: &P, frames: &mut FrameAllocator, domain: u32) -> Option<usize> {
@@ -576,7 +570,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         // The unstable index holds every marked page behind the cursor,
         // each under its own key (and may hold pages discarded since).
         for (key, r) in unstable_members(&self.vms, self.ksm.cursor) {
-            if self.ksm.unstable.get(key) != Some(r) {
+            if self.ksm.unstable.find(key, |v| v == r).is_none() {
                 return Err("a marked page missing from the unstable index");
             }
         }
@@ -841,12 +835,18 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     // what the two-look rule waits a pass to learn.
     let first_look = dirty.is_some() && ksm.config.merge_at_first_look;
 
-    // 1. A merged frame with this content and room for one more.
-    if let Some(pos) = ksm.stable_with_room(key) {
-        if merge_into(mem, frames, ksm, v, si, pi, Target::Stable(pos), hash) {
+    // 1. A merged frame with this content and room for one more. A key
+    // only nominates: two contents can share one (a checksum has 28 bits),
+    // so each frame under it with room is compared in turn (a failed
+    // compare changes no index, so the positions hold).
+    let max = ksm.config.max_page_sharing;
+    let mut n = 0;
+    while let Some(pos) = ksm.stable.nth(key, n) {
+        if rec_sharers(ksm.stable.value_at(pos)) < max && merge_into(mem, frames, ksm, v, si, pi, Target::Stable(pos), hash) {
             ksm.pass.merged += 1;
             return 1;
         }
+        n += 1;
     }
     // 2. Changed since the last look: not a candidate yet (KSM), unless
     // its dirty flag tracks it from now on (first look).
@@ -874,26 +874,54 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
         }
         return 0;
     }
-    // 4. An unchanged twin seen earlier in this pass.
+    // 4. An unchanged twin seen earlier in this pass: each page under the
+    // key in turn (a collision puts pages of other content there too).
+    // Entries whose page changed, merged or left since are dropped.
     let me = page_ref(vi, gfn);
-    let twin = match ksm.unstable.get(key) {
-        Some(q) if q != me => valid_twin(mem, vms, q, domain, sum, ksm.config.merge_at_first_look),
-        _ => None,
-    };
-    let Some((qvi, qsi, qpi)) = twin else {
-        // A page with this key from earlier in the pass (changed, or a
-        // failed candidate) is no longer in the index.
-        if let Some(old) = ksm.unstable.insert(key, me) {
-            if let Some(e) = entry_of_mut(vms, old) {
+    let (mut kept, mut listed) = (0, false);
+    while let Some(pos) = ksm.unstable.nth(key, kept) {
+        let q = ksm.unstable.value_at(pos);
+        if q == me {
+            (kept, listed) = (kept + 1, true);
+            continue;
+        }
+        let Some(twin) = valid_twin(mem, vms, q, domain, sum, ksm.config.merge_at_first_look) else {
+            ksm.unstable.remove_at(pos);
+            if let Some(e) = entry_of_mut(vms, q) {
                 e.clear_flags(F_UNSTABLE);
             }
+            continue;
+        };
+        if merge_twin(mem, frames, vms, ksm, (vi, si, pi), twin, pos, sum) {
+            ksm.pass.merged += 2;
+            return 2;
         }
+        kept += 1;
+    }
+    if !listed {
+        ksm.unstable.insert_dup(key, me);
         vms[vi].as_mut().unwrap().slots[si].pages[pi].add_flags(F_UNSTABLE);
-        return 0;
-    };
-    // The twin's frame becomes the merged frame: it is only write-protected
-    // (its own bracket; its translation stays, read-only). This page gets
-    // one Change bracket around the compare, as in `merge_into`.
+    }
+    0
+}
+
+/// Merges page `(vi, si, pi)` with its twin, the page of unstable-index
+/// entry `pos`, if their bytes are equal. The twin's frame becomes the
+/// merged frame: it is only write-protected (its own bracket; its
+/// translation stays, read-only). The page gets one Change bracket around
+/// the compare, as in `merge_into`.
+#[allow(clippy::too_many_arguments)]
+fn merge_twin<P: PhysMem, S: Stage2>(
+    mem: &P,
+    frames: &mut FrameAllocator,
+    vms: &mut [Option<Vm<S>>],
+    ksm: &mut Ksm,
+    (vi, si, pi): (usize, usize, usize),
+    (qvi, qsi, qpi): (usize, usize, usize),
+    pos: usize,
+    sum: u64,
+) -> bool {
+    let gfn = vms[vi].as_ref().unwrap().slots[si].base_gfn + pi as u64;
     let qgfn = vms[qvi].as_ref().unwrap().slots[qsi].base_gfn + qpi as u64;
     write_protect(mem, frames, &vms[qvi].as_ref().unwrap().mmu, qgfn);
     let r = GfnRange::one(gfn);
@@ -903,20 +931,19 @@ fn decide<P: PhysMem, S: Stage2>(mem: &P, frames: &mut FrameAllocator, vms: &mut
     if mem.page(qe.pa()) != mem.page(pe.pa()) {
         vms[vi].as_ref().unwrap().mmu.invalidate_range_end(r);
         ksm.mismatches += 1;
-        return 0;
+        return false;
     }
-    ksm.unstable.remove(key);
-    let pos = ksm.new_stable(qe.frame, key, 1);
+    let key = ksm.unstable.remove_at(pos).0;
+    let new = ksm.new_stable(qe.frame, key, 1);
     ksm.merges += 1;
     let q = vms[qvi].as_mut().unwrap();
     q.slots[qsi].pages[qpi] = PageEntry::new(qe.frame, sum, F_SHARED);
     q.private_frames -= 1; // the frame is the dedupe's now, charged to no VM
     let v = vms[vi].as_mut().unwrap();
-    let old = install_merged(mem, ksm, v, si, pi, Target::Stable(pos), sum);
+    let old = install_merged(mem, ksm, v, si, pi, Target::Stable(new), sum);
     v.mmu.invalidate_range_end(r);
     ksm.retired.push(old);
-    ksm.pass.merged += 2;
-    2
+    true
 }
 
 /// The page behind an unstable-index entry, if it is still an unmerged,

@@ -141,52 +141,55 @@ pub(crate) const F_UNSTABLE: u8 = 4;
 pub(crate) const F_TRACKED: u8 = 8;
 
 /// What the page manager and the dedupe engine keep per guest page:
-/// 12 bytes (Linux's `rmap_item` alone is 64): the host frame, and one
-/// 64-bit word with the flags in its low 4 bits and above them the
-/// [`PageEntry::aux`] value: the page's 60-bit checksum ([`F_CSUM`],
+/// 8 bytes (Linux's `rmap_item` alone is 64): the host frame, and one
+/// 32-bit word with the flags in its low 4 bits and above them the
+/// [`PageEntry::aux`] value: the page's 28-bit checksum ([`F_CSUM`],
 /// [`crate::dedupe`]'s content hash, which is also its index key, so an
 /// unchanged page need not be hashed again; a merged page, [`F_SHARED`],
-/// keeps it to find its merged frame's record). Packed to 4-byte alignment (a `u64` there would pad
-/// the entry to 16).
+/// keeps it to find its merged frame's record). 28 bits, where Linux
+/// keeps 32 (`rmap_item.oldchecksum`): a checksum only tells a changed
+/// page and nominates candidates, the byte compare decides every merge,
+/// and the indexes try every entry under a key, so two contents with
+/// one checksum cost a compare, never a merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(C, packed(4))]
+#[repr(C)]
 pub(crate) struct PageEntry {
     /// Host frame number, or [`NO_FRAME`].
     pub frame: u32,
-    word: u64,
+    word: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<PageEntry>() == 12);
+const _: () = assert!(core::mem::size_of::<PageEntry>() == 8);
 
 const FLAG_BITS: u32 = 4;
-const FLAG_MASK: u64 = (1 << FLAG_BITS) - 1;
+const FLAG_MASK: u32 = (1 << FLAG_BITS) - 1;
 /// The widest value [`PageEntry::aux`] holds.
-pub(crate) const AUX_BITS: u32 = 64 - FLAG_BITS;
+pub(crate) const AUX_BITS: u32 = 32 - FLAG_BITS;
 
 impl PageEntry {
     pub const EMPTY: PageEntry = PageEntry::new(NO_FRAME, 0, 0);
 
     /// `aux` must fit in [`AUX_BITS`], `flags` in the four flag bits.
     pub const fn new(frame: u32, aux: u64, flags: u8) -> PageEntry {
-        debug_assert!(aux >> AUX_BITS == 0 && (flags as u64) & !FLAG_MASK == 0);
-        PageEntry { frame, word: (aux << FLAG_BITS) | (flags as u64 & FLAG_MASK) }
+        debug_assert!(aux >> AUX_BITS == 0 && (flags as u32) & !FLAG_MASK == 0);
+        PageEntry { frame, word: ((aux as u32) << FLAG_BITS) | (flags as u32 & FLAG_MASK) }
     }
     pub fn flags(&self) -> u8 {
         (self.word & FLAG_MASK) as u8
     }
     pub fn add_flags(&mut self, f: u8) {
-        self.word |= f as u64 & FLAG_MASK;
+        self.word |= f as u32 & FLAG_MASK;
     }
     pub fn clear_flags(&mut self, f: u8) {
-        self.word &= !(f as u64 & FLAG_MASK);
+        self.word &= !(f as u32 & FLAG_MASK);
     }
     /// The checksum.
     pub fn aux(&self) -> u64 {
-        self.word >> FLAG_BITS
+        (self.word >> FLAG_BITS) as u64
     }
     pub fn set_aux(&mut self, aux: u64) {
         debug_assert!(aux >> AUX_BITS == 0);
-        self.word = (aux << FLAG_BITS) | (self.word & FLAG_MASK);
+        self.word = ((aux as u32) << FLAG_BITS) | (self.word & FLAG_MASK);
     }
     pub fn pa(&self) -> PhysAddr {
         PhysAddr((self.frame as u64) << PAGE_SHIFT)

@@ -707,7 +707,7 @@ fn a_page_without_a_dirty_flag_to_watch_waits_for_a_second_look() {
 #[test]
 fn index_keys_spread_their_top_bits() {
     // The content index takes a key's home slot from its top bits: keys
-    // of a 60-bit checksum must still use all of them (else every lookup
+    // of a 28-bit checksum must still use all of them (else every lookup
     // lands in a fraction of the table and probes long runs).
     let mut seen = [0u32; 16];
     let mut page = [0u8; 4096];
@@ -738,4 +738,55 @@ fn the_unstable_index_keeps_its_candidates_when_it_grows() {
     pm.scan(20);
     pm.check_consistency().unwrap();
     assert_eq!(pm.ksm_stats().pages_unshared, 39);
+}
+
+/// Two different pages with one checksum (found by trying page contents
+/// that differ in their first 4 bytes: a 28-bit checksum repeats after
+/// about 2^14 of them).
+fn colliding_pages() -> ([u8; 4096], [u8; 4096]) {
+    let page = |i: u32| {
+        let mut p = [0x5a; 4096];
+        p[..4].copy_from_slice(&i.to_le_bytes());
+        p
+    };
+    let mut seen = std::collections::HashMap::new();
+    for i in 0.. {
+        if let Some(j) = seen.insert(crate::dedupe::checksum(&page(i)), i) {
+            return (page(j), page(i));
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn pages_with_one_checksum_still_merge_with_their_own_twins() {
+    // x and y share a checksum, so every index key: each lookup must try
+    // every page and frame under it. Pages 0..3 meet in the unstable
+    // index (y fails against x and must wait there too), pages 4 and 5
+    // find two merged frames under one key.
+    let (x, y) = colliding_pages();
+    assert_ne!(x, y);
+    assert_eq!(crate::dedupe::checksum(&x), crate::dedupe::checksum(&y));
+    let mut pm = pm(128, DedupeConfig::default());
+    let (v, _) = vm(&mut pm, 6, true, NotifierMode::ChangePte, None);
+    let mut g = SimGuest::new(v);
+    let layout = [&x, &y, &y, &x, &y, &x];
+    for (p, bytes) in layout.iter().enumerate() {
+        g.write(&mut pm, gpa(p as u64), &bytes[..]).unwrap();
+    }
+    // Pass 1 takes the checksums; pass 2 merges all, as Linux's
+    // content-ordered trees do (a lost candidate would wait a pass).
+    assert_eq!(pm.scan(6).merged, 0);
+    assert_eq!(pm.scan(6).merged, 6);
+    let s = pm.ksm_stats();
+    assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 4, 0));
+    assert!(s.compare_mismatches >= 3, "x and y were compared: {}", s.compare_mismatches);
+    let frame = |p: u64| pm.backing_frame(v, gpa(p)).unwrap();
+    assert!(frame(0) == frame(3) && frame(3) == frame(5));
+    assert!(frame(1) == frame(2) && frame(2) == frame(4));
+    assert_ne!(frame(0), frame(1));
+    for (p, bytes) in layout.iter().enumerate() {
+        assert_eq!(&page_bytes(&pm, v, p as u64), *bytes);
+    }
+    pm.check_consistency().unwrap();
 }
