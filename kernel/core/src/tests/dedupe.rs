@@ -97,7 +97,11 @@ fn zero_pages_share_one_zero_frame_without_a_cap() {
     let mut pm = pm(128, DedupeConfig { max_page_sharing: 2, ..DedupeConfig::default() });
     let (v, _) = vm(&mut pm, 10, true, NotifierMode::ChangePte, None);
     let mut g = fill(&mut pm, v, &[0, 0, 0, 0, 0, 0, 0, 0, 5, 5]);
-    scan_until_converged(&mut pm);
+    assert_eq!(pm.scan(10).merged, 0);
+    assert_eq!(pm.scan(10).merged, 10);
+    // The pass's own count (convergence waits for a pass that merged none).
+    assert_eq!(pm.last_pass(), Some(crate::dedupe::PassStats { merged: 10, changed: 0 }));
+    assert_eq!(scan_until_converged(&mut pm), 1, "one pass that changes nothing");
     let s = pm.ksm_stats();
     assert_eq!(s.zero_pages, 8);
     assert_eq!((s.pages_shared, s.pages_sharing), (1, 1));
@@ -778,6 +782,7 @@ fn pages_with_one_checksum_still_merge_with_their_own_twins() {
     // content-ordered trees do (a lost candidate would wait a pass).
     assert_eq!(pm.scan(6).merged, 0);
     assert_eq!(pm.scan(6).merged, 6);
+    assert_eq!(pm.last_pass(), Some(crate::dedupe::PassStats { merged: 6, changed: 0 }));
     let s = pm.ksm_stats();
     assert_eq!((s.pages_shared, s.pages_sharing, s.pages_unshared), (2, 4, 0));
     assert!(s.compare_mismatches >= 3, "x and y were compared: {}", s.compare_mismatches);
