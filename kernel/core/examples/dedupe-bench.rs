@@ -487,11 +487,26 @@ fn read_floor(pages: usize, huge: bool) -> Floor {
         std::hint::black_box(acc);
         pair = pair.min(c.read().cpu.max(1e-9));
     }
+    // The hash floor is the faster of a plain loop and one that prefetches
+    // as the scanner does (the second half of the next page and the first
+    // half of the one after): on the AMD EPYC the plain loop took 0.054 s
+    // for 1 GiB, the prefetching one 0.034 s; the hash and the memory
+    // stream overlap only with the prefetches.
     let mut hash = f64::INFINITY;
-    for _ in 0..3 {
+    let pages_of = v.as_chunks::<{ PAGE_SIZE / 8 }>().0;
+    for round in 0..6 {
         let c = Clock::start();
         let mut h = 0u64;
-        for page in v.as_chunks::<{ PAGE_SIZE / 8 }>().0 {
+        for (i, page) in pages_of.iter().enumerate() {
+            if round % 2 == 1 {
+                for (d, lines) in [(1, 32..64), (2, 0..32)] {
+                    if let Some(next) = pages_of.get(i + d) {
+                        for l in lines {
+                            prefetch(next[l * 8..].as_ptr());
+                        }
+                    }
+                }
+            }
             // SAFETY: a page of u64s is PAGE_SIZE bytes.
             let bytes = unsafe { std::slice::from_raw_parts(page.as_ptr() as *const u8, PAGE_SIZE) };
             h ^= xxhash_rust::xxh3::xxh3_64(bytes);
@@ -500,6 +515,15 @@ fn read_floor(pages: usize, huge: bool) -> Floor {
         hash = hash.min(c.read().cpu.max(1e-9));
     }
     Floor { read_s: best, pair_s: pair, hash_s: hash }
+}
+
+/// `prefetcht0` of the line holding `p` (a hint: never faults).
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing architecturally and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
 }
 
 // ---------------------------------------------------------------------------
@@ -702,7 +726,7 @@ fn print_side_by_side(shape: &Shape, vms: usize, cfg: &DedupeConfig, o: &Ours, f
         o.converged.cpu / fl.pair_s
     );
     println!(
-        "hash floor: xxh3-64 of every page of {:.0} MiB in order = {:.3} s ({:.1}x the read floor); ours converged = {:.1}x",
+        "hash floor: xxh3-64 of every page of {:.0} MiB in order (faster of plain and prefetched) = {:.3} s ({:.1}x the read floor); ours converged = {:.1}x",
         mib,
         fl.hash_s,
         fl.hash_s / floor,
