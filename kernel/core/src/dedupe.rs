@@ -732,7 +732,13 @@ fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], l: &L
     let frame = match l.hint {
         Hint::None => return,
         Hint::Stable(frame) => Some(frame),
-        Hint::Twin(q) => entry_of(vms, q).map(|e| e.frame),
+        Hint::Twin(q) => {
+            // Its decision write-protects the twin: its EPT entry too.
+            if let Some(Some(v)) = vms.get((q >> 40) as usize) {
+                v.mmu.prefetch_entry(mem, q & ((1 << 40) - 1));
+            }
+            entry_of(vms, q).map(|e| e.frame)
+        }
     };
     if let Some(f) = frame.filter(|&f| f != NO_FRAME) {
         let page = mem.page(PhysAddr((f as u64) << PAGE_SHIFT));

@@ -263,6 +263,12 @@ impl<S: Stage2> Mmu<S> {
         d
     }
 
+    /// Starts loading the EPT entry of guest page `gfn` into the cache
+    /// (the dedupe scanner, a few pages before it write-protects a twin).
+    pub fn prefetch_entry<M: PhysMem>(&self, mem: &M, gfn: u64) {
+        self.state.lock().tables.prefetch_entry(mem, gfn << PAGE_SHIFT);
+    }
+
     /// Flushes the guest TLB if a dirty flag was cleared since the last
     /// flush (a flag that was already clear needs none: no translation
     /// with it set can be cached).

@@ -120,6 +120,11 @@ pub trait Stage2: Sized {
         None
     }
 
+    /// Starts loading the cache line of the 4 KiB entry of `gpa`, for a
+    /// change to it a little later (a hint: the upper levels are read,
+    /// nothing is changed).
+    fn prefetch_entry<M: PhysMem>(&self, _mem: &M, _gpa: u64) {}
+
     /// What the processor does to the tables when a guest access to `gpa`
     /// that they allow completes (the simulated guest calls it): set the
     /// accessed flags on the walk and, for a write, the leaf's dirty flag,
