@@ -423,7 +423,7 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
         // A pipeline over the pages of the batch ([`LOOK_AHEAD`]): each
         // page is looked at (dirty flag, hash, index lines prefetched) a few
         // pages before it is decided, its partner's record or page entry
-        // and then its first lines are prefetched on the way, so the misses
+        // and then its lines are prefetched on the way, so the misses
         // of a merge overlap with the work on the pages before it. Pages
         // are looked at only within the batch and the pass: the ring is
         // empty when `scan` returns and when a pass ends.
@@ -602,22 +602,31 @@ impl<P: PhysMem, S: Stage2> PageManager<P, S> {
 /// look of page k+LOOK_AHEAD prefetches its index lines; at
 /// [`PEEK_AT`] pages before its decision its index is read and the
 /// candidate partner's record or page entry prefetched; at
-/// [`PARTNER_AT`] the partner's first lines. Each page takes a few hundred
-/// ns, a miss a hundred or more (this VM: a two-dimensional page walk
-/// first); 8/4/2 measured better than 4/2/1 and no worse than 12/6/3
-/// (docs/dedupe-performance.md).
+/// [`PARTNER_AT`] the partner's frame is read from them, and from then on
+/// each page before the decision prefetches a third of its lines. Each
+/// page takes a few hundred ns, a miss a hundred or more (this VM: a
+/// two-dimensional page walk first) (docs/dedupe-performance.md).
 const LOOK_AHEAD: usize = 8;
 const PEEK_AT: usize = 4;
-const PARTNER_AT: usize = 2;
-/// Cache lines of the partner page prefetched (the hardware prefetcher
-/// follows the compare's stream for the rest).
-const PARTNER_LINES: usize = 8;
-/// Cache lines a look prefetches of the page after the next; it
-/// prefetches the rest of the next page (see `look`). On the AMD EPYC 32
-/// lines of the next page measured best of 0/16/32/64 (64 at once stalled
-/// on the line-fill buffers); on the Intel Xeon the whole next page was
-/// 6% faster than 32 lines, and half of each of the next two pages 8%.
-const NEXT_PAGE_LINES: usize = 32;
+const PARTNER_AT: usize = 3;
+/// A look prefetches the pages it will look at next, each in
+/// [`NEXT_PAGES`] chunks over as many looks, the first chunk
+/// [`NEXT_PAGES`] pages ahead (see `look`).
+///
+/// Why chunks: a page's 64 misses at once fill the line-fill buffers,
+/// and the loads behind them wait; a chunk per page keeps a few pages'
+/// lines in flight instead (AMD EPYC, 1 GiB: the partner's first 8 lines
+/// at one page -> all 64 in three chunks, and the next pages in halves
+/// over two looks -> quarters over four, together 0.115 -> 0.088 s
+/// default and 0.129 -> 0.099 s pairs).
+const NEXT_PAGES: usize = 4;
+
+/// The lines of chunk `chunk` of `parts` (each a part of a page's 64 cache
+/// lines, the last one shorter if they do not divide it).
+fn lines_of(chunk: usize, parts: usize) -> core::ops::Range<usize> {
+    let n = (PAGE_SIZE / 64).div_ceil(parts);
+    (chunk * n).min(PAGE_SIZE / 64)..((chunk + 1) * n).min(PAGE_SIZE / 64)
+}
 
 /// What was learnt about the merge partner of a looked-at page before its
 /// decision (only to prefetch: the decision looks again).
@@ -641,6 +650,8 @@ struct Looked {
     key: u64,
     dirty: Option<bool>,
     hint: Hint,
+    /// The partner's frame once the hint gave it (to prefetch from).
+    partner: u32,
 }
 
 /// The pages looked at ahead of the decision, oldest first.
@@ -665,17 +676,22 @@ impl Ring {
         l
     }
 
-    /// The prefetch stages for the pages `PEEK_AT` and `PARTNER_AT` before
-    /// the next decision (position 0).
+    /// The prefetch stages for the pages `PEEK_AT` to 1 before the next
+    /// decision (position 0).
     fn advance<P: PhysMem, S: Stage2>(&mut self, mem: &P, vms: &[Option<Vm<S>>], ksm: &Ksm) {
         if self.len > PEEK_AT {
             if let Some(l) = &mut self.slots[(self.head + PEEK_AT) % LOOK_AHEAD] {
                 peek_partner(vms, ksm, l);
             }
         }
-        if self.len > PARTNER_AT {
-            if let Some(l) = &self.slots[(self.head + PARTNER_AT) % LOOK_AHEAD] {
-                prefetch_partner(mem, vms, l);
+        for at in (1..=PARTNER_AT).rev() {
+            if self.len > at {
+                if let Some(l) = &mut self.slots[(self.head + at) % LOOK_AHEAD] {
+                    if at == PARTNER_AT {
+                        find_partner(mem, vms, l);
+                    }
+                    prefetch_partner(mem, l, PARTNER_AT - at);
+                }
             }
         }
     }
@@ -727,22 +743,27 @@ fn peek_partner<S: Stage2>(vms: &[Option<Vm<S>>], ksm: &Ksm, l: &mut Looked) {
     }
 }
 
-/// Prefetches the first lines of the partner's frame and of the page.
-fn prefetch_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], l: &Looked) {
-    let frame = match l.hint {
-        Hint::None => return,
-        Hint::Stable(frame) => Some(frame),
+/// The partner's frame from the hint (a twin's page entry was prefetched
+/// by the peek), and for a twin the prefetch of its EPT entry: its
+/// decision write-protects it.
+fn find_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], l: &mut Looked) {
+    l.partner = match l.hint {
+        Hint::None => NO_FRAME,
+        Hint::Stable(frame) => frame,
         Hint::Twin(q) => {
-            // Its decision write-protects the twin: its EPT entry too.
             if let Some(Some(v)) = vms.get((q >> 40) as usize) {
                 v.mmu.prefetch_entry(mem, q & ((1 << 40) - 1));
             }
-            entry_of(vms, q).map(|e| e.frame)
+            entry_of(vms, q).map_or(NO_FRAME, |e| e.frame)
         }
     };
-    if let Some(f) = frame.filter(|&f| f != NO_FRAME) {
-        let page = mem.page(PhysAddr((f as u64) << PAGE_SHIFT));
-        for line in page.as_chunks::<64>().0.iter().take(PARTNER_LINES) {
+}
+
+/// Prefetches chunk `chunk` of [`PARTNER_AT`] of the partner's frame.
+fn prefetch_partner<P: PhysMem>(mem: &P, l: &Looked, chunk: usize) {
+    if l.partner != NO_FRAME {
+        let page = mem.page(PhysAddr((l.partner as u64) << PAGE_SHIFT));
+        for line in &page.as_chunks::<64>().0[lines_of(chunk, PARTNER_AT)] {
             crate::prefetch::prefetch(line);
         }
     }
@@ -810,23 +831,23 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
     ksm.unstable.prefetch(key);
     // The next pages to look at (usually the next frames): their lines
     // stream in while the pages before them are decided, so their hashes
-    // read from cache. Each look asks for two halves, the second half of
-    // the next page and the first half of the one after, so every page is
-    // fetched whole, its first half two looks ahead. Not after a page
+    // read from cache. Each look asks for a chunk of each of the next
+    // NEXT_PAGES pages, the first chunk of the farthest and the last of
+    // the next, so every page is fetched whole over as many looks. Not after a page
     // whose checksum held: its neighbours are likely unchanged too (a
     // pass over idle memory), and their lines would be read for nothing.
     if !unchanged {
         let pages = &v.slots[si].pages;
         let ahead = |d: usize| pages.get(pi + d).filter(|n| n.frame != NO_FRAME && !n.shared()).map(|n| mem.page(n.pa()));
-        for (d, lines) in [(1, NEXT_PAGE_LINES..PAGE_SIZE / 64), (2, 0..NEXT_PAGE_LINES)] {
+        for d in 1..=NEXT_PAGES {
             if let Some(page) = ahead(d) {
-                for line in &page.as_chunks::<64>().0[lines] {
+                for line in &page.as_chunks::<64>().0[lines_of(NEXT_PAGES - d, NEXT_PAGES)] {
                     crate::prefetch::prefetch(line);
                 }
             }
         }
     }
-    Some(Looked { vi, si, pi, hash, key, dirty, hint: Hint::None })
+    Some(Looked { vi, si, pi, hash, key, dirty, hint: Hint::None, partner: NO_FRAME })
 }
 
 /// The second half: the page in KSM's order (see the module comment).
@@ -980,4 +1001,22 @@ fn valid_twin<P: PhysMem, S: Stage2>(
         return None;
     }
     ok.then_some((qvi, si, pi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunks of a page that the prefetches take in turn cover each of
+    /// its 64 lines once, in order, for any number of parts.
+    #[test]
+    fn prefetch_chunks_cover_the_page_once() {
+        for parts in 1..=8 {
+            let lines: alloc::vec::Vec<usize> = (0..parts).flat_map(|c| lines_of(c, parts)).collect();
+            assert_eq!(lines, (0..PAGE_SIZE / 64).collect::<alloc::vec::Vec<_>>(), "{parts} parts");
+            let longest = (0..parts).map(|c| lines_of(c, parts).len()).max().unwrap();
+            assert_eq!(longest, (PAGE_SIZE / 64).div_ceil(parts), "{parts} parts: even chunks");
+        }
+        assert_eq!((lines_of(0, 3), lines_of(2, 3)), (0..22, 44..64));
+    }
 }
