@@ -447,6 +447,12 @@ impl Stage2 for EptTables {
         self.accessed_dirty
     }
 
+    fn prefetch_entry<M: PhysMem>(&self, mem: &M, gpa: u64) {
+        if let Ok(pt) = self.table_of_4k(mem, gpa) {
+            crate::prefetch::prefetch(&mem.table_mut(pt)[index(gpa, 1)]);
+        }
+    }
+
     /// SDM 29.3.5: with EPTP bit 6 set, the processor sets bit 9 (dirty)
     /// of the leaf that maps a page on every guest write to it. Software
     /// may clear it, but a translation cached in the TLB with the flag set
@@ -454,12 +460,6 @@ impl Stage2 for EptTables {
     /// must INVEPT (single-context) before it relies on the flag (SDM
     /// 29.4.3.4, "clearing bit 9 ... if accessed and dirty flags for EPT
     /// will be enabled").
-    fn prefetch_entry<M: PhysMem>(&self, mem: &M, gpa: u64) {
-        if let Ok(pt) = self.table_of_4k(mem, gpa) {
-            crate::prefetch::prefetch(&mem.table_mut(pt)[index(gpa, 1)]);
-        }
-    }
-
     fn test_and_clear_dirty<M: PhysMem>(&mut self, mem: &M, gpa: u64) -> Option<bool> {
         if !self.accessed_dirty {
             return None;
