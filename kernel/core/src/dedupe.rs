@@ -1011,10 +1011,15 @@ mod tests {
     /// its 64 lines once, in order, for any number of parts.
     #[test]
     fn prefetch_chunks_cover_the_page_once() {
-        for parts in 1..=8 {
+        let page = [0u8; PAGE_SIZE / 64];
+        for parts in 1..=PAGE_SIZE / 64 {
+            // Each is a range a page's lines can be sliced by (the
+            // prefetches do), even where the chunks run out before the parts.
+            let lens: alloc::vec::Vec<usize> = (0..parts).map(|c| page[lines_of(c, parts)].len()).collect();
+            assert_eq!(lens.iter().sum::<usize>(), PAGE_SIZE / 64, "{parts} parts");
             let lines: alloc::vec::Vec<usize> = (0..parts).flat_map(|c| lines_of(c, parts)).collect();
             assert_eq!(lines, (0..PAGE_SIZE / 64).collect::<alloc::vec::Vec<_>>(), "{parts} parts");
-            let longest = (0..parts).map(|c| lines_of(c, parts).len()).max().unwrap();
+            let longest = lens.iter().copied().max().unwrap();
             assert_eq!(longest, (PAGE_SIZE / 64).div_ceil(parts), "{parts} parts: even chunks");
         }
         assert_eq!((lines_of(0, 3), lines_of(2, 3)), (0..22, 44..64));
