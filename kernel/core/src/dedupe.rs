@@ -222,6 +222,11 @@ fn page_ref(vm: usize, gfn: u64) -> u64 {
     ((vm as u64) << 40) | gfn
 }
 
+/// The (VM index, gfn) of a [`page_ref`].
+fn ref_parts(q: u64) -> (usize, u64) {
+    ((q >> 40) as usize, q & ((1 << 40) - 1))
+}
+
 fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
     page.as_chunks::<64>().0.iter().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
@@ -628,6 +633,13 @@ fn lines_of(chunk: usize, parts: usize) -> core::ops::Range<usize> {
     (chunk * n).min(PAGE_SIZE / 64)..((chunk + 1) * n).min(PAGE_SIZE / 64)
 }
 
+/// Prefetches chunk `chunk` of `parts` of `page`'s lines.
+fn prefetch_chunk(page: &[u8; PAGE_SIZE], chunk: usize, parts: usize) {
+    for line in &page.as_chunks::<64>().0[lines_of(chunk, parts)] {
+        crate::prefetch::prefetch(line);
+    }
+}
+
 /// What was learnt about the merge partner of a looked-at page before its
 /// decision (only to prefetch: the decision looks again).
 #[derive(Clone, Copy, Debug)]
@@ -699,14 +711,16 @@ impl Ring {
 
 /// The page entry behind an unstable-index page ref, if any.
 fn entry_of<S: Stage2>(vms: &[Option<Vm<S>>], q: u64) -> Option<&PageEntry> {
-    let v = vms.get((q >> 40) as usize)?.as_ref()?;
-    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    let (vi, gfn) = ref_parts(q);
+    let v = vms.get(vi)?.as_ref()?;
+    let (si, pi) = v.find(gfn)?;
     Some(&v.slots[si].pages[pi])
 }
 
 fn entry_of_mut<S: Stage2>(vms: &mut [Option<Vm<S>>], q: u64) -> Option<&mut PageEntry> {
-    let v = vms.get_mut((q >> 40) as usize)?.as_mut()?;
-    let (si, pi) = v.find(q & ((1 << 40) - 1))?;
+    let (vi, gfn) = ref_parts(q);
+    let v = vms.get_mut(vi)?.as_mut()?;
+    let (si, pi) = v.find(gfn)?;
     Some(&mut v.slots[si].pages[pi])
 }
 
@@ -751,8 +765,9 @@ fn find_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], l: &mut L
         Hint::None => NO_FRAME,
         Hint::Stable(frame) => frame,
         Hint::Twin(q) => {
-            if let Some(Some(v)) = vms.get((q >> 40) as usize) {
-                v.mmu.prefetch_entry(mem, q & ((1 << 40) - 1));
+            let (vi, gfn) = ref_parts(q);
+            if let Some(Some(v)) = vms.get(vi) {
+                v.mmu.prefetch_entry(mem, gfn);
             }
             entry_of(vms, q).map_or(NO_FRAME, |e| e.frame)
         }
@@ -762,10 +777,7 @@ fn find_partner<P: PhysMem, S: Stage2>(mem: &P, vms: &[Option<Vm<S>>], l: &mut L
 /// Prefetches chunk `chunk` of [`PARTNER_AT`] of the partner's frame.
 fn prefetch_partner<P: PhysMem>(mem: &P, l: &Looked, chunk: usize) {
     if l.partner != NO_FRAME {
-        let page = mem.page(PhysAddr((l.partner as u64) << PAGE_SHIFT));
-        for line in &page.as_chunks::<64>().0[lines_of(chunk, PARTNER_AT)] {
-            crate::prefetch::prefetch(line);
-        }
+        prefetch_chunk(mem.page(PhysAddr((l.partner as u64) << PAGE_SHIFT)), chunk, PARTNER_AT);
     }
 }
 
@@ -841,9 +853,7 @@ fn look<P: PhysMem, S: Stage2>(mem: &P, vms: &mut [Option<Vm<S>>], ksm: &mut Ksm
         let ahead = |d: usize| pages.get(pi + d).filter(|n| n.frame != NO_FRAME && !n.shared()).map(|n| mem.page(n.pa()));
         for d in 1..=NEXT_PAGES {
             if let Some(page) = ahead(d) {
-                for line in &page.as_chunks::<64>().0[lines_of(NEXT_PAGES - d, NEXT_PAGES)] {
-                    crate::prefetch::prefetch(line);
-                }
+                prefetch_chunk(page, NEXT_PAGES - d, NEXT_PAGES);
             }
         }
     }
@@ -987,12 +997,11 @@ fn valid_twin<P: PhysMem, S: Stage2>(
     sum: u64,
     first_look: bool,
 ) -> Option<(usize, usize, usize)> {
-    let qvi = (q >> 40) as usize;
+    let (qvi, gfn) = ref_parts(q);
     let v = vms.get_mut(qvi)?.as_mut()?;
     if v.domain != Some(domain) {
         return None;
     }
-    let gfn = q & ((1 << 40) - 1);
     let (si, pi) = v.find(gfn)?;
     let e = v.slots[si].pages[pi];
     let ok = v.slots[si].mergeable && e.frame != NO_FRAME && e.flags() & (F_SHARED | F_CSUM) == F_CSUM && e.aux() == sum;
